@@ -1,0 +1,781 @@
+"""Datasets and the on-device batch pipeline.
+
+load_dataset reads MNIST, Fashion-MNIST, CIFAR-10/100 from their original distribution files in
+torchvision's layout under a data root (downloading and md5-checking missing ones), or an image
+folder of your own. DeviceLoader keeps a whole split on the training device as one uint8 tensor and
+draws, augments and normalises batches there, vectorised over the batch:
+
+    images, labels = load_dataset("cifar10", "./data", train=True)
+    info = DATASETS["cifar10"]
+    loader = DeviceLoader(images, labels, 256, num_classes=info.num_classes, mean=info.mean,
+                          std=info.std, train=True, augment=augment_recipe("strong"), seed=0)
+    for x, y in loader.epoch(0): ...
+"""
+
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import socket
+import stat
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """A data problem the user can fix (missing, corrupt or wrong files, a bad folder)."""
+
+
+# -----------------------------------------------------------------------------
+# Dataset descriptions
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int           # 0 for "folder": the number of class folders decides
+    in_chans: int
+    mean: tuple                # per channel, on the [0, 1] scale, over the training split
+    std: tuple
+    digits: bool               # hand-written digits: no horizontal flips
+    pad_to: int | None = None  # the loader pads images to this square size by default
+
+
+DATASETS = {
+    "mnist": DatasetInfo(10, 1, (0.1307,), (0.3081,), digits=True, pad_to=32),
+    "fashion-mnist": DatasetInfo(10, 1, (0.2860,), (0.3530,), digits=False, pad_to=32),
+    "cifar10": DatasetInfo(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), digits=False),
+    "cifar100": DatasetInfo(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), digits=False),
+    # your own images: mean/std 0.5 unless you compute them with channel_mean_std
+    "folder": DatasetInfo(0, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), digits=False),
+}
+DATASETS["cifar"] = DATASETS["cifar10"]
+ALIASES = {"cifar": "cifar10"}
+
+# Base URLs tried in order; tests point these at a local server.
+MIRRORS = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+    "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
+    "cifar100": ["https://www.cs.toronto.edu/~kriz/"],
+}
+
+# md5 of every official file, by its path under the data root (tests replace these).
+MD5S = {
+    "MNIST/raw/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "MNIST/raw/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "MNIST/raw/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "MNIST/raw/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "FashionMNIST/raw/train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "FashionMNIST/raw/train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "FashionMNIST/raw/t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "FashionMNIST/raw/t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+    "cifar-10-batches-py/batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+    "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
+    "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "cifar-100-python/meta": "7973b15100ade9c7d40fb424638fde48",
+}
+
+DOWNLOAD_TIMEOUT = 30.0  # seconds without progress before a download is given up
+
+
+@dataclass(frozen=True)
+class _Layout:
+    folder: str              # under the data root
+    train: tuple             # files the training split reads, in order
+    test: tuple
+    archive: str | None      # downloaded into the root and unpacked into `folder`; None: files are downloaded one by one
+
+
+_LAYOUTS = {
+    "mnist": _Layout("MNIST/raw", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), None),
+    "fashion-mnist": _Layout("FashionMNIST/raw", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                             ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), None),
+    "cifar10": _Layout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                       "cifar-10-python.tar.gz"),
+    "cifar100": _Layout("cifar-100-python", ("train",), ("test",), "cifar-100-python.tar.gz"),
+}
+
+
+# -----------------------------------------------------------------------------
+# Parsers of the original formats
+
+def read_idx(path, magic):
+    """Read a gzip'd IDX file (MNIST format) -> uint8 tensor of the dimensions in its header.
+    magic: 2051 for images (N, H, W), 2049 for labels (N,). Raises DataError naming the file."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable gzip file ({e}); it is truncated or corrupt. "
+                        "Delete it so it is downloaded again, or replace it with the official file.") from None
+    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != magic:
+        found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+        raise DataError(f"{path}: IDX magic number is {found}, expected {magic}; this is not the "
+                        "right file. Replace it with the official file.")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != header + math.prod(dims):
+        raise DataError(f"{path}: IDX header says {dims} ({math.prod(dims)} bytes of data) but the file "
+                        f"holds {len(raw) - header}; it is truncated or corrupt. Delete it so it is "
+                        "downloaded again, or replace it with the official file.")
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy())
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's files hold (a dict, lists, bytes and numpy arrays), so a wrong file
+    cannot run code."""
+    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path, label_key=b"labels"):
+    """Read one CIFAR python-pickle batch -> (images uint8 (N, 3, 32, 32), labels int64 (N,)).
+    label_key: b"labels" for CIFAR-10, b"fine_labels" for CIFAR-100. Raises DataError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, UnicodeDecodeError, MemoryError) as e:
+        raise DataError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {e}); it is truncated, "
+                        "corrupt or the wrong file. Delete it so it is downloaded again, or replace it "
+                        "with the official file.") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"{path}: expected uint8 data of shape (N, 3072) and N labels, found "
+                        f"{data.dtype} {data.shape} and {len(labels)} labels; this is not the right file.")
+    # (N, 3072) -> (N, 3, 32, 32): the red plane, then green, then blue, each row-major
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+# -----------------------------------------------------------------------------
+# File verification, remembered across runs
+
+def _writable(folder):
+    """Whether files may be created in `folder` (or in the nearest existing parent). The mode bits
+    count even for root, who ignores them, so a folder marked read-only is left alone by everyone."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    mode = os.stat(path).st_mode
+    return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def verification_cache_path(root):
+    """Where the md5 results for files under `root` are remembered: in the root when it is writable,
+    else in $VIL_CACHE_DIR, $XDG_CACHE_HOME/vision-lstm or ~/.cache/vision-lstm."""
+    if _writable(root):
+        return os.path.join(root, ".vil-verified.json")
+    cache = os.environ.get("VIL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vision-lstm")
+    return os.path.join(cache, "verified.json")
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path, data):
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _verify(root, relpaths):
+    """Check the md5 of each file (paths relative to root) against MD5S. A file whose path, size and
+    mtime match a remembered good check is not read again. Raises DataError on a mismatch."""
+    cache_path = verification_cache_path(root)
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    changed = False
+    for rel in relpaths:
+        path = os.path.join(root, rel)
+        key = os.path.realpath(path)
+        st = os.stat(path)
+        expected = MD5S[rel]
+        if cache.get(key) == [st.st_size, st.st_mtime_ns, expected]:
+            continue
+        found = _md5(path)
+        if found != expected:
+            raise DataError(f"{path}: md5 is {found}, expected {expected}: the file is truncated, corrupt or "
+                            "not the official one. Delete it so it is downloaded again, or replace it with "
+                            "the official file.")
+        cache[key] = [st.st_size, st.st_mtime_ns, expected]
+        changed = True
+    if changed:
+        try:
+            _atomic_write(cache_path, json.dumps(cache, indent=0).encode())
+        except OSError as e:  # only costs a re-check next time
+            print(f"data: could not remember verified files in {cache_path} ({e})", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Download
+
+class _DownloadFailed(Exception):
+    def __init__(self, reason, network):
+        super().__init__(reason)
+        self.network = network  # True when the server could not be reached at all
+
+
+def _download(url, dest, md5):
+    """Download url to dest through a temporary file next to it; dest appears only once the md5 matches."""
+    folder = os.path.dirname(dest)
+    os.makedirs(folder, exist_ok=True)
+    print(f"data: downloading {url} -> {dest}", file=sys.stderr, flush=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}-", suffix=".part")
+    try:
+        digest, received = hashlib.md5(), 0
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+                expected_size = response.headers.get("Content-Length")
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    digest.update(block)
+                    received += len(block)
+        except urllib.error.HTTPError as e:
+            raise _DownloadFailed(f"{url}: HTTP {e.code} {e.reason}", network=False) from None
+        except urllib.error.URLError as e:
+            raise _DownloadFailed(f"{url}: {e.reason}", network=True) from None
+        except (http.client.HTTPException, socket.timeout, OSError) as e:
+            raise _DownloadFailed(f"{url}: interrupted ({type(e).__name__}: {e})", network=False) from None
+        if expected_size is not None and received != int(expected_size):
+            raise _DownloadFailed(f"{url}: interrupted after {received} of {expected_size} bytes", network=False)
+        if digest.hexdigest() != md5:
+            raise _DownloadFailed(f"{url}: md5 of the download is {digest.hexdigest()}, expected {md5}; "
+                                  "it was discarded", network=False)
+        os.replace(tmp, dest)
+        print(f"data: done, {received / 1e6:.1f} MB", file=sys.stderr, flush=True)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _extract(archive_path, root, folder, names):
+    """Unpack folder/<name> for each name from a tar.gz into root, through a temporary folder, so a
+    file appears under its final name only complete and with the right md5."""
+    tmp = tempfile.mkdtemp(dir=root, prefix=".extract-")
+    try:
+        try:
+            with tarfile.open(archive_path, "r:gz") as tar:
+                for name in names:
+                    member = tar.getmember(f"{folder}/{name}")
+                    if not member.isfile():
+                        raise KeyError(member.name)
+                    with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{archive_path}: cannot unpack {folder}/ from it ({type(e).__name__}: {e}). "
+                            "Delete it so it is downloaded again.") from None
+        for name in names:
+            found = _md5(os.path.join(tmp, name))
+            if found != MD5S[f"{folder}/{name}"]:
+                raise DataError(f"{archive_path}: {folder}/{name} inside it has md5 {found}, expected "
+                                f"{MD5S[f'{folder}/{name}']}. Delete the archive so it is downloaded again.")
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(root, folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch_missing(name, root, layout, missing):
+    """Download (and unpack) the files in `missing` (paths relative to root). Raises DataError with what
+    to do when that is impossible."""
+    folder = os.path.join(root, layout.folder)
+    downloads = [layout.archive] if layout.archive else [os.path.basename(m) for m in missing]
+    urls = [base + d for base in MIRRORS[name] for d in downloads]
+    how = (f"Download {' and '.join(downloads)} (from {', '.join(MIRRORS[name])}) on a machine with "
+           f"network{' and unpack it in ' + os.path.abspath(root) if layout.archive else ''}, then copy the "
+           f"files into {os.path.abspath(folder)}, or point the data root at a folder that holds them "
+           "in torchvision's layout.")
+    files = ", ".join(os.path.basename(m) for m in missing)
+    if not _writable(root):
+        raise DataError(f"{name}: missing {files} in {os.path.abspath(folder)}, and the data root "
+                        f"{os.path.abspath(root)} is read-only so nothing can be downloaded there. {how}")
+    for download in downloads:
+        dest = os.path.join(root, download) if layout.archive else os.path.join(folder, download)
+        rel = os.path.relpath(dest, root)
+        failures = []
+        for base in MIRRORS[name]:
+            try:
+                _download(base + download, dest, MD5S[rel])
+                break
+            except _DownloadFailed as e:
+                print(f"data: {e}", file=sys.stderr)
+                failures.append(e)
+        else:
+            reasons = "; ".join(str(e) for e in failures)
+            if all(e.network for e in failures):
+                raise DataError(f"{name}: {files} missing in {os.path.abspath(folder)} and no network to "
+                                f"download them ({reasons}). {how}")
+            raise DataError(f"{name}: could not download {download}: {reasons}. Nothing was kept. {how}")
+    if layout.archive:
+        archive_path = os.path.join(root, layout.archive)
+        names = [rel.split("/", 1)[1] for rel in MD5S if rel.startswith(layout.folder + "/")]
+        _extract(archive_path, root, layout.folder, names)
+        os.remove(archive_path)  # the unpacked files carry their own md5s
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+
+def load_dataset(name, root="./data", train=True, image_size=32):
+    """Load a split -> (images uint8 (N, C, H, W), labels int64 (N,)).
+
+    name: "mnist", "fashion-mnist", "cifar10" (or "cifar"), "cifar100", or "folder" for
+    root/train/<class>/*.png|jpg and root/test/<class>/* (resized to image_size x image_size, RGB).
+    Missing files are downloaded into root; every file is md5-checked once (see _verify)."""
+    name = ALIASES.get(name, name)
+    if name == "folder":
+        return load_image_folder(os.path.join(root, "train" if train else "test"), image_size,
+                                 classes=_class_names(os.path.join(root, "train")))
+    if name not in _LAYOUTS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    layout = _LAYOUTS[name]
+    wanted = [f"{layout.folder}/{f}" for f in (layout.train if train else layout.test)]
+    missing = [rel for rel in wanted if not os.path.isfile(os.path.join(root, rel))]
+    if missing:
+        _fetch_missing(name, root, layout, missing)
+    _verify(root, wanted)
+    paths = [os.path.join(root, rel) for rel in wanted]
+    if layout.archive is None:
+        images, labels = read_idx(paths[0], 2051), read_idx(paths[1], 2049)
+        if len(images) != len(labels):
+            raise DataError(f"{paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels; "
+                            "replace them with the official files.")
+        return images.unsqueeze(1), labels.long()  # (N, H, W) -> (N, 1, H, W)
+    label_key = b"labels" if name == "cifar10" else b"fine_labels"
+    batches = [read_cifar_batch(p, label_key) for p in paths]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _class_names(train_folder):
+    if not os.path.isdir(train_folder):
+        raise DataError(f"{train_folder}: no such folder. An image-folder dataset needs "
+                        "<root>/train/<class>/*.png|jpg and <root>/test/<class>/*.")
+    classes = sorted(d for d in os.listdir(train_folder) if os.path.isdir(os.path.join(train_folder, d)))
+    if not classes:
+        raise DataError(f"{train_folder}: no class folders in it; put each class's images in "
+                        f"{train_folder}/<class>/.")
+    return classes
+
+
+def load_image_folder(folder, image_size=32, classes=None):
+    """Decode folder/<class>/<image> once with Pillow (RGB, resized to image_size x image_size) ->
+    (images uint8 (N, 3, S, S), labels int64 (N,)); labels index `classes` (default: the sorted class
+    folders). The decoded tensor is cached, keyed by the files' names, sizes and mtimes."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = classes or _class_names(folder)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder; it should hold one folder per class: {classes}")
+    extra = sorted(set(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) - set(classes))
+    if extra:
+        raise DataError(f"{folder}: class folders {extra} are not among the training classes {classes}")
+    files = []
+    for label, cls in enumerate(classes):
+        class_dir = os.path.join(folder, cls)
+        if os.path.isdir(class_dir):
+            files += [(os.path.join(class_dir, f), label) for f in sorted(os.listdir(class_dir))
+                      if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    listing = [(os.path.relpath(p, folder), os.stat(p).st_size, os.stat(p).st_mtime_ns, y) for p, y in files]
+    key = hashlib.md5(json.dumps([image_size, classes, listing]).encode()).hexdigest()
+    cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
+                 else os.path.join(os.path.dirname(verification_cache_path(folder)), "folders"))
+    cache_path = os.path.join(cache_dir, f"{key}.pt")
+    if os.path.isfile(cache_path):
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            return cached["images"], cached["labels"]
+        except Exception as e:  # a broken cache is rebuilt, never trusted
+            print(f"data: ignoring unreadable cache {cache_path} ({e})", file=sys.stderr)
+    print(f"data: decoding {len(files)} images from {folder}", file=sys.stderr, flush=True)
+    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                images[i] = np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BICUBIC))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot decode this image ({e}); remove or replace it.") from None
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, S, S, 3) -> (N, 3, S, S)
+    labels = torch.tensor([y for _, y in files], dtype=torch.int64)
+    try:
+        buffer = io.BytesIO()
+        torch.save({"images": images, "labels": labels}, buffer)
+        _atomic_write(cache_path, buffer.getvalue())
+    except OSError as e:
+        print(f"data: could not cache decoded images in {cache_path} ({e})", file=sys.stderr)
+    return images, labels
+
+
+def channel_mean_std(images):
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale -> (tuple, tuple)."""
+    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255  # (C, N*H*W)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def split_train_val(images, labels, val_size, seed=0):
+    """Hold out val_size images (an int count, or a fraction in (0, 1)) of a training split, chosen by a
+    seeded permutation -> (train_images, train_labels, val_images, val_labels); both keep the original
+    order, are disjoint and together hold every image."""
+    n = len(images)
+    count = round(val_size * n) if isinstance(val_size, float) and 0 < val_size < 1 else int(val_size)
+    if not 0 < count < n:
+        raise ValueError(f"val_size={val_size} must leave at least one image in each of train and val (N={n})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:count].sort().values, perm[count:].sort().values
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+
+
+# -----------------------------------------------------------------------------
+# Augmentation, on whole batches on the device
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation; each switch off by default, so Augment() changes nothing.
+    See augment_recipe for the usual settings."""
+    crop_padding: int = 0           # random translation by up to this many pixels, zero fill (random crop of a padded image)
+    flip: bool = False              # horizontal flip with probability 1/2
+    policy: str = "none"            # "none", "randaugment" (policy_ops ops of fixed magnitude) or "trivialaugment" (one op, random magnitude)
+    policy_ops: int = 2             # ops per image for randaugment
+    policy_magnitude: float = 9.0   # on torchvision's 0..30 scale; trivialaugment draws uniformly from [0, this]
+    erasing_prob: float = 0.0       # probability of erasing one random rectangle (2%-33% of the image) to the mean
+    mixup_alpha: float = 0.0        # Beta(alpha, alpha) mixing with another image of the batch; 0 = off
+    cutmix_alpha: float = 0.0       # Beta(alpha, alpha) box pasted from another image; 0 = off
+    mix_prob: float = 1.0           # probability that an image is mixed when mixup or cutmix is on
+
+    @property
+    def mixes(self):
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def augment_recipe(name, digits=False):
+    """Named recipes: "none"; "default" (crop + flip, the seed's); "strong" (as the small-data ViT results
+    of DESIGN.md §5: crop, flip, RandAugment(2, 9), random erasing 0.25, mixup 0.8 / cutmix 1.0).
+    digits=True turns flips off (a mirrored digit is another symbol or none)."""
+    recipes = {
+        "none": Augment(),
+        "default": Augment(crop_padding=4, flip=True),
+        "strong": Augment(crop_padding=4, flip=True, policy="randaugment", policy_ops=2, policy_magnitude=9.0,
+                          erasing_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0),
+    }
+    if name not in recipes:
+        raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {sorted(recipes)}")
+    recipe = recipes[name]
+    return replace(recipe, flip=False) if digits else recipe
+
+
+def _translate(x, shifts, padding):
+    """Shift each image of x (B, C, H, W) by shifts (B, 2) pixels (dy, dx in [-padding, padding]), zero fill."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (padding,) * 4)  # (B, C, H + 2p, W + 2p)
+    row_stride = W + 2 * padding
+    rows = torch.arange(H, device=x.device) + padding - shifts[:, :1]  # (B, H)
+    cols = torch.arange(W, device=x.device) + padding - shifts[:, 1:]  # (B, W)
+    # one gather over the flattened padded image: (B, H, W) -> (B, C, H*W), the same source pixel per channel
+    flat_index = (rows[:, :, None] * row_stride + cols[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
+    return padded.view(B, C, -1).gather(2, flat_index).view(B, C, H, W)
+
+
+def _grayscale(x):
+    """(B, C, H, W) in [0, 1] -> (B, 1, H, W) luminance (ITU-R 601, as Pillow)."""
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x, other, factor):
+    """factor * x + (1 - factor) * other, per image factor (B,), clamped to [0, 1]."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (other + factor * (x - other)).clamp_(0, 1)
+
+
+def _sharpness(x, factor):
+    # blend with a 3x3 smoothed image (centre weight 5 of 13); the border keeps its pixels, as in PIL
+    C = x.shape[1]
+    kernel = x.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+    smooth = F.conv2d(x, kernel.expand(C, 1, 3, 3), groups=C)  # (B, C, H - 2, W - 2)
+    degenerate = x.clone()
+    degenerate[:, :, 1:-1, 1:-1] = smooth
+    return _blend(x, degenerate, factor)
+
+
+def _autocontrast(x):
+    low = x.amin(dim=(2, 3), keepdim=True)
+    high = x.amax(dim=(2, 3), keepdim=True)
+    scale = torch.where(high > low, 1 / (high - low).clamp_min(1e-6), torch.ones_like(high))
+    low = torch.where(high > low, low, torch.zeros_like(low))
+    return ((x - low) * scale).clamp_(0, 1)
+
+
+def _equalize(x):
+    """Histogram equalisation per image and channel, PIL's formula, on 256 levels."""
+    B, C, H, W = x.shape
+    levels = (x * 255).round_().long().reshape(B * C, H * W)
+    hist = torch.zeros(B * C, 256, device=x.device).scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float))
+    top_count = hist.gather(1, levels.amax(1, keepdim=True))  # count of the highest level present
+    step = torch.div(H * W - top_count, 255, rounding_mode="floor")  # (B*C, 1)
+    lut = torch.div(hist.cumsum(1) - hist + torch.div(step, 2, rounding_mode="floor"), step.clamp_min(1),
+                    rounding_mode="floor").clamp_(0, 255)
+    out = lut.gather(1, levels)
+    out = torch.where(step > 0, out, levels.float())  # a flat histogram stays as it is
+    return (out / 255).view(B, C, H, W).to(x.dtype)
+
+
+# The op list of RandAugment/TrivialAugment; each colour op maps (images, magnitude in [0, 1], signs) ->
+# images. Geometric ops are gathered into one affine grid_sample.
+_GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+_COLOUR = {
+    "identity": lambda x, m, s: x,
+    "brightness": lambda x, m, s: _blend(x, torch.zeros_like(x), 1 + 0.9 * m * s),
+    "color": lambda x, m, s: _blend(x, _grayscale(x), 1 + 0.9 * m * s),
+    "contrast": lambda x, m, s: _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), 1 + 0.9 * m * s),
+    "sharpness": lambda x, m, s: _sharpness(x, 1 + 0.9 * m * s),
+    # keep 8 - 4m bits of each level
+    "posterize": lambda x, m, s: (torch.floor(x * 255 / 2 ** (4 * m).round().view(-1, 1, 1, 1))
+                                  * 2 ** (4 * m).round().view(-1, 1, 1, 1) / 255),
+    "solarize": lambda x, m, s: torch.where(x >= (1 - m).view(-1, 1, 1, 1), 1 - x, x),
+    "autocontrast": lambda x, m, s: _autocontrast(x),
+    "equalize": lambda x, m, s: _equalize(x),
+}
+POLICY_OPS = tuple(_COLOUR) + _GEOMETRIC
+
+
+def _geometric(x, op, magnitude, sign):
+    """Apply op[i] in _GEOMETRIC to image i with an affine grid -> (B, C, H, W). Maxima as torchvision:
+    shear 0.3, translation 45% of the side, rotation 30 degrees; zero fill."""
+    B, C, H, W = x.shape
+    signed = magnitude * sign
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    angle = torch.deg2rad(30 * signed) * (op == 4)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # theta acts on coordinates normalised per axis; the pixel-space map A becomes S^-1 A S, S = diag(W, H)
+    rotate = op == 4
+    theta[:, 0, 0] = torch.where(rotate, cos, theta[:, 0, 0])
+    theta[:, 1, 1] = torch.where(rotate, cos, theta[:, 1, 1])
+    theta[:, 0, 1] = torch.where(rotate, -sin * H / W, (op == 0) * 0.3 * signed * H / W)
+    theta[:, 1, 0] = torch.where(rotate, sin * W / H, (op == 1) * 0.3 * signed * W / H)
+    theta[:, 0, 2] = (op == 2) * 0.9 * signed  # 45% of the width is 0.9 of the normalised [-1, 1]
+    theta[:, 1, 2] = (op == 3) * 0.9 * signed
+    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _policy(x, augment, generator):
+    """RandAugment / TrivialAugment on x (B, C, H, W) float in [0, 1]: each image draws its own ops;
+    images sharing an op are transformed together."""
+    B = x.shape[0]
+    rounds = augment.policy_ops if augment.policy == "randaugment" else 1
+    for _ in range(rounds):
+        op = torch.randint(len(POLICY_OPS), (B,), device=x.device, generator=generator)
+        sign = torch.randint(2, (B,), device=x.device, generator=generator).to(x.dtype) * 2 - 1
+        magnitude = torch.full((B,), augment.policy_magnitude / 30, device=x.device, dtype=x.dtype)
+        if augment.policy == "trivialaugment":
+            magnitude = magnitude * torch.rand(B, device=x.device, generator=generator, dtype=x.dtype)
+        out = x.clone()
+        for index, name in enumerate(_COLOUR):
+            if name == "identity":
+                continue
+            chosen = (op == index).nonzero().squeeze(1)
+            if len(chosen):
+                out[chosen] = _COLOUR[name](x[chosen], magnitude[chosen], sign[chosen]).to(x.dtype)
+        chosen = (op >= len(_COLOUR)).nonzero().squeeze(1)
+        if len(chosen):
+            out[chosen] = _geometric(x[chosen], op[chosen] - len(_COLOUR), magnitude[chosen], sign[chosen])
+        x = out
+    return x
+
+
+def _boxes(B, H, W, area, ratio, generator, device):
+    """Boxes of the given area fraction and aspect ratio (B,), placed uniformly -> mask (B, 1, H, W), True inside."""
+    h = (torch.sqrt(area * ratio) * H).round().clamp(1, H)
+    w = (torch.sqrt(area / ratio) * W).round().clamp(1, W)
+    top = (torch.rand(B, device=device, generator=generator) * (H - h + 1)).floor()
+    left = (torch.rand(B, device=device, generator=generator) * (W - w + 1)).floor()
+    rows = torch.arange(H, device=device).view(1, H, 1)
+    cols = torch.arange(W, device=device).view(1, 1, W)
+    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
+              & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))
+    return inside.unsqueeze(1)
+
+
+def _mix(x, y, augment, num_classes, generator, rng):
+    """Mixup / cutmix of each image with its mirror in the batch (image i with B-1-i) -> (x, soft targets
+    (B, num_classes) that sum to one). With both on, each image picks one at random."""
+    B, C, H, W = x.shape
+    device = x.device
+    target = F.one_hot(y, num_classes).to(x.dtype)
+    use_cutmix = torch.from_numpy(rng.random(B) < (0.5 if augment.mixup_alpha > 0 else 1.0)) \
+        if augment.cutmix_alpha > 0 else torch.zeros(B, dtype=torch.bool)
+    mixed = torch.from_numpy(rng.random(B) < augment.mix_prob)
+    lam = torch.ones(B, dtype=torch.float64)
+    if augment.mixup_alpha > 0:
+        lam = torch.where(~use_cutmix, torch.from_numpy(rng.beta(augment.mixup_alpha, augment.mixup_alpha, B)), lam)
+    if augment.cutmix_alpha > 0:
+        lam = torch.where(use_cutmix, torch.from_numpy(rng.beta(augment.cutmix_alpha, augment.cutmix_alpha, B)), lam)
+    lam = torch.where(mixed, lam, torch.ones_like(lam)).to(device=device, dtype=torch.float32)
+    use_cutmix = (use_cutmix & mixed).to(device)
+    partner = x.flip(0)
+    # cutmix: a box of area 1 - lam, square in relative units, from the partner; lam becomes the area kept
+    box = _boxes(B, H, W, (1 - lam).clamp_min(0), torch.ones_like(lam), generator, device) & use_cutmix.view(-1, 1, 1, 1)
+    lam = torch.where(use_cutmix, 1 - box.float().mean(dim=(1, 2, 3)), lam)
+    blended = lam.view(-1, 1, 1, 1).to(x.dtype) * x + (1 - lam).view(-1, 1, 1, 1).to(x.dtype) * partner
+    x = torch.where(box, partner, torch.where(use_cutmix.view(-1, 1, 1, 1), x, blended))
+    lam = lam.to(x.dtype).view(-1, 1)
+    return x, lam * target + (1 - lam) * target.flip(0)
+
+
+# -----------------------------------------------------------------------------
+# The loader
+
+class DeviceLoader:
+    """A whole split as one uint8 tensor on `device`; epoch(e) yields normalised, augmented batches.
+
+    images: uint8 (N, C, H, W); labels: int64 (N,). train=True: a seeded permutation per epoch (without
+    replacement), the last partial batch dropped, augmentation on; train=False: original order, every
+    image once, no augmentation. rank/world_size: each rank takes a disjoint shard of every epoch's
+    permutation (training: the same number of batches on every rank). limit: use only the first
+    `limit` images. pad_to: zero-pad images to pad_to x pad_to (28x28 digits -> 32x32).
+    Batches depend only on (seed, epoch, step, rank)."""
+
+    def __init__(self, images, labels, batch_size, *, num_classes, mean, std, train, augment=None, seed=0,
+                 device="cpu", dtype=torch.float32, rank=0, world_size=1, limit=None, pad_to=None):
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"images must be uint8 (N, C, H, W) with one label each, got {images.dtype} "
+                             f"{tuple(images.shape)} and {len(labels)} labels")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {images.shape[1]} channels")
+        augment = augment or Augment()
+        if augment.policy not in ("none", "randaugment", "trivialaugment"):
+            raise ValueError(f"unknown augmentation policy {augment.policy!r}: none, randaugment or trivialaugment")
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        if pad_to is not None:
+            H, W = images.shape[2:]
+            if pad_to < max(H, W):
+                raise ValueError(f"pad_to={pad_to} is smaller than the images ({H}x{W})")
+            top, left = (pad_to - H) // 2, (pad_to - W) // 2
+            self.images = F.pad(self.images, (left, pad_to - W - left, top, pad_to - H - top))
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size, self.num_classes = batch_size, num_classes
+        self.train, self.augment, self.seed, self.dtype = train, augment, seed, dtype
+        self.rank, self.world_size = rank, world_size
+        # normalising uint8 v: (v / 255 - mean) / std = v * scale + shift
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1 / (255 * std_t), -mean_t / std_t
+        n = len(self.images)
+        if train:
+            self.shard_size = n // world_size
+            self.num_batches = self.shard_size // batch_size
+            if self.num_batches == 0:
+                raise ValueError(f"{n} images over {world_size} ranks make no full batch of {batch_size}")
+        else:
+            self.shard_size = len(range(rank, n, world_size))
+            self.num_batches = math.ceil(self.shard_size / batch_size)
+
+    def __len__(self):
+        return self.num_batches
+
+    def _indices(self, epoch):
+        n = len(self.images)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size, device=self.device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=generator)[: self.shard_size * self.world_size]
+        return perm[self.rank:: self.world_size].to(self.device)
+
+    def epoch(self, epoch, start_step=0):
+        """Yield (x, y) for steps start_step..len-1 of epoch `epoch`: x (B, C, H, W) `dtype` normalised on
+        the device; y int64 (B,), or float (B, num_classes) soft targets when mixup/cutmix is on."""
+        indices = self._indices(epoch)
+        for step in range(start_step, self.num_batches):
+            batch = indices[step * self.batch_size: (step + 1) * self.batch_size]
+            x, y = self.images[batch], self.labels[batch]
+            if self.train:
+                x, y = self._augment(x, y, epoch, step)
+            else:
+                x = x.float() * self.scale + self.shift
+            yield x.to(self.dtype), y
+
+    def _augment(self, x, y, epoch, step):
+        augment = self.augment
+        key = f"{self.seed},{epoch},{step},{self.rank}".encode()
+        batch_seed = int.from_bytes(hashlib.blake2b(key, digest_size=6).digest(), "big")
+        generator = torch.Generator(self.device).manual_seed(batch_seed)
+        B, C, H, W = x.shape
+        if augment.crop_padding > 0:
+            shifts = torch.randint(-augment.crop_padding, augment.crop_padding + 1, (B, 2), device=self.device,
+                                   generator=generator)
+            x = _translate(x, shifts, augment.crop_padding)
+        if augment.flip:
+            flip = torch.rand(B, device=self.device, generator=generator) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if augment.policy != "none":
+            x = _policy(x.float() / 255, augment, generator)
+            x = (x * 255 * self.scale + self.shift)
+        else:
+            x = x.float() * self.scale + self.shift
+        if augment.erasing_prob > 0:
+            area = 0.02 + (1 / 3 - 0.02) * torch.rand(B, device=self.device, generator=generator)
+            ratio = torch.exp(math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3))
+                              * torch.rand(B, device=self.device, generator=generator))
+            erase = torch.rand(B, device=self.device, generator=generator) < augment.erasing_prob
+            box = _boxes(B, H, W, area, ratio, generator, self.device) & erase.view(-1, 1, 1, 1)
+            x = x.masked_fill(box, 0.0)  # 0 is the mean after normalisation
+        if augment.mixes:
+            x, y = _mix(x, y, augment, self.num_classes, generator, np.random.default_rng(batch_seed))
+        return x, y
