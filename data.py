@@ -395,11 +395,16 @@ def load_dataset(name, root="./data", train=True, image_size=32):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
+def _subfolders(folder):
+    # hidden folders (our .vil-cache among them) are not classes
+    return sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+
+
 def _class_names(train_folder):
     if not os.path.isdir(train_folder):
         raise DataError(f"{train_folder}: no such folder. An image-folder dataset needs "
                         "<root>/train/<class>/*.png|jpg and <root>/test/<class>/*.")
-    classes = sorted(d for d in os.listdir(train_folder) if os.path.isdir(os.path.join(train_folder, d)))
+    classes = _subfolders(train_folder)
     if not classes:
         raise DataError(f"{train_folder}: no class folders in it; put each class's images in "
                         f"{train_folder}/<class>/.")
@@ -415,7 +420,7 @@ def load_image_folder(folder, image_size=32, classes=None):
     classes = classes or _class_names(folder)
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: no such folder; it should hold one folder per class: {classes}")
-    extra = sorted(set(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) - set(classes))
+    extra = sorted(set(_subfolders(folder)) - set(classes))
     if extra:
         raise DataError(f"{folder}: class folders {extra} are not among the training classes {classes}")
     files = []
@@ -458,8 +463,16 @@ def load_image_folder(folder, image_size=32, classes=None):
 
 def channel_mean_std(images):
     """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale -> (tuple, tuple)."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255  # (C, N*H*W)
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+    # exact, from a histogram of the 256 levels, without a float copy of the whole split
+    hist = torch.zeros(images.shape[1], 256, dtype=torch.float64)
+    for chunk in images.split(4096):
+        for c in range(images.shape[1]):
+            hist[c] += torch.bincount(chunk[:, c].reshape(-1).long(), minlength=256).double()
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    count = hist.sum(1)
+    mean = (hist * levels).sum(1) / count
+    var = (hist * (levels - mean[:, None]) ** 2).sum(1) / (count - 1)
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
 
 def split_train_val(images, labels, val_size, seed=0):
