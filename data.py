@@ -322,26 +322,33 @@ def _extract(archive_path, root, folder, names):
 
 
 def _fetch_missing(name, root, layout, missing):
-    """Download (and unpack) the files in `missing` (paths relative to root). Raises DataError with what
-    to do when that is impossible."""
-    folder = os.path.join(root, layout.folder)
-    downloads = [layout.archive] if layout.archive else [os.path.basename(m) for m in missing]
-    urls = [base + d for base in MIRRORS[name] for d in downloads]
-    how = (f"Download {' and '.join(downloads)} (from {', '.join(MIRRORS[name])}) on a machine with "
-           f"network{' and unpack it in ' + os.path.abspath(root) if layout.archive else ''}, then copy the "
-           f"files into {os.path.abspath(folder)}, or point the data root at a folder that holds them "
-           "in torchvision's layout.")
+    """Download (and unpack) the files in `missing` (paths relative to root). An archive already in the
+    root (where torchvision keeps it) is verified and unpacked instead of downloaded. Raises DataError
+    with what to do when that is impossible."""
+    folder = os.path.abspath(os.path.join(root, layout.folder))
     files = ", ".join(os.path.basename(m) for m in missing)
+    sources = ", ".join(MIRRORS[name])
+    if layout.archive:
+        how = (f"Download {layout.archive} (from {sources}) on a machine with network and put it in "
+               f"{os.path.abspath(root)} (it is unpacked on the next run), or unpack it yourself and copy the "
+               f"files into {folder}, or point the data root at a folder that holds them in torchvision's layout.")
+    else:
+        how = (f"Download them (from {sources}) on a machine with network and copy the files into {folder}, "
+               "or point the data root at a folder that holds them in torchvision's layout.")
     if not _writable(root):
-        raise DataError(f"{name}: missing {files} in {os.path.abspath(folder)}, and the data root "
-                        f"{os.path.abspath(root)} is read-only so nothing can be downloaded there. {how}")
+        raise DataError(f"{name}: missing {files} in {folder}, and the data root {os.path.abspath(root)} is "
+                        f"read-only so nothing can be downloaded or unpacked there. {how}")
+    downloads = [layout.archive] if layout.archive else [os.path.basename(m) for m in missing]
+    provided = layout.archive is not None and os.path.isfile(os.path.join(root, layout.archive))
+    if provided:
+        _verify(root, [layout.archive])
+        downloads = []
     for download in downloads:
-        dest = os.path.join(root, download) if layout.archive else os.path.join(folder, download)
-        rel = os.path.relpath(dest, root)
+        rel = download if layout.archive else f"{layout.folder}/{download}"
         failures = []
         for base in MIRRORS[name]:
             try:
-                _download(base + download, dest, MD5S[rel])
+                _download(base + download, os.path.join(root, rel), MD5S[rel])
                 break
             except _DownloadFailed as e:
                 print(f"data: {e}", file=sys.stderr)
@@ -349,14 +356,15 @@ def _fetch_missing(name, root, layout, missing):
         else:
             reasons = "; ".join(str(e) for e in failures)
             if all(e.network for e in failures):
-                raise DataError(f"{name}: {files} missing in {os.path.abspath(folder)} and no network to "
-                                f"download them ({reasons}). {how}")
+                raise DataError(f"{name}: {files} missing in {folder} and no network to download them "
+                                f"({reasons}). {how}")
             raise DataError(f"{name}: could not download {download}: {reasons}. Nothing was kept. {how}")
     if layout.archive:
         archive_path = os.path.join(root, layout.archive)
         names = [rel.split("/", 1)[1] for rel in MD5S if rel.startswith(layout.folder + "/")]
         _extract(archive_path, root, layout.folder, names)
-        os.remove(archive_path)  # the unpacked files carry their own md5s
+        if not provided:  # ours to remove: the unpacked files carry their own md5s
+            os.remove(archive_path)
 
 
 # -----------------------------------------------------------------------------

@@ -327,6 +327,18 @@ def test_download_cifar_archive_is_unpacked_and_removed(tmp_path, server):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".extract") or f.endswith(".part")]
 
 
+def test_an_archive_put_in_the_root_is_unpacked_not_downloaded(tmp_path):
+    files = tiny_files("cifar100")
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(tar_gz(files))
+    data.MD5S["cifar-100-python.tar.gz"] = md5_of((tmp_path / "cifar-100-python.tar.gz").read_bytes())
+    for rel, raw in files.items():
+        data.MD5S[rel] = md5_of(raw)
+    data.MIRRORS["cifar100"] = [f"http://127.0.0.1:{closed_port()}/"]
+    images, labels = data.load_dataset("cifar100", tmp_path, train=False)
+    assert images.shape == (12, 3, 32, 32) and labels.tolist() == [i * 7 % 100 for i in range(12)]
+    assert os.path.isfile(tmp_path / "cifar-100-python.tar.gz")  # the user's copy stays
+
+
 def test_corrupt_download_is_refused_and_nothing_is_left(tmp_path, server):
     serve_mnist(server, tmp_path)
     raw = bytearray(server.files["train-images-idx3-ubyte.gz"])
