@@ -1,0 +1,359 @@
+"""The mLSTM of xLSTM and the Vision-LSTM block built on it (DESIGN.md sections 1 to 3).
+
+First the maths over plain tensors, in three exact forms of the same function:
+    parallel_mlstm   quadratic in S, what ViL trains with at short token sequences
+    chunkwise_mlstm  linear in S (parallel inside chunks, a carried state between them)
+    recurrent_mlstm  the step-by-step recurrence, the reference
+then the modules that own parameters: MLSTMCell, ViLLayer, DropPath, ViLBlock.
+
+Shapes: B batch, NH heads, S tokens, DH head width. Every form takes
+q, k, v: (B, NH, S, DH) and the gate pre-activations igate, fgate: (B, NH, S), and returns
+h: (B, NH, S, DH) in the dtype of q. Keys are scaled by 1/sqrt(DH) inside, the state starts
+empty (m_0 = -inf, C_0 = 0, n_0 = 0). Gate and stabiliser arithmetic runs in float32 (float64
+for float64 inputs), also under bf16 autocast.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _gate_dtype(x):
+    """float64 for float64 inputs, else float32: the log-space gate sums need at least float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _normalise(numerator, dot, m, eps):
+    """numerator / (max(|dot|, exp(-m)) + eps), computed without overflow.
+
+    numerator: (..., S, DH); dot, m: (..., S, 1). exp(-m) overflows float32 once m < -88, and
+    m >= igate can be as low as the smallest input gate. Multiplying the numerator and the
+    denominator by u = exp(min(m, 0)) <= 1 keeps every factor finite (the denominator is then
+    at least min(1, eps)) and changes nothing in exact arithmetic.
+    """
+    u = torch.exp(-torch.relu(-m))
+    denominator = torch.maximum(dot.abs() * u, torch.exp(-torch.relu(m))) + eps * u
+    return numerator * (u / denominator)
+
+
+def _log_decay_matrix(log_forget, igate):
+    """log D[t, s] = sum_{j=s+1..t} log_forget_j + igate_s for s <= t, -inf for s > t.
+
+    log_forget, igate: (..., L) -> (..., L, L), rows t, columns s. The sum is a masked cumulative
+    sum down each column (a segment sum), not the difference b_t - b_s of two running sums, which
+    cancels catastrophically in float32 once the gates are large.
+    """
+    length = log_forget.shape[-1]
+    rows = torch.arange(length, device=log_forget.device)
+    strictly_below = rows[:, None] > rows[None, :]  # (L, L): t > s
+    on_or_below = rows[:, None] >= rows[None, :]
+    # (..., L, L): entry [t, s] = log_forget_t where t > s, summed down the column s
+    segment = torch.where(strictly_below, log_forget.unsqueeze(-1), 0.0).cumsum(-2)
+    return torch.where(on_or_below, segment + igate.unsqueeze(-2), -math.inf)
+
+
+def _chunk(q, k, v, igate, log_forget, state, eps, need_state):
+    """The parallel form on one chunk, plus the contribution of a carried state.
+
+    q, k, v: (B, NH, L, DH); igate, log_forget: (B, NH, L) in the gate dtype.
+    state: None (empty) or (C: (B, NH, DH, DH) as sum of k v^T, n: (B, NH, DH), m: (B, NH)),
+    both stabilised by exp(-m). Returns h: (B, NH, L, DH) and the state after the chunk
+    (None unless need_state).
+    """
+    head_dim = q.shape[-1]
+    log_d = _log_decay_matrix(log_forget, igate)  # (B, NH, L, L)
+    m = log_d.amax(-1, keepdim=True)  # (B, NH, L, 1)
+    if state is not None:
+        state_c, state_n, state_m = state
+        # decay of the carried state up to each token of the chunk: a running sum of negative
+        # terms, so no cancellation
+        log_state = (log_forget.cumsum(-1) + state_m.unsqueeze(-1)).unsqueeze(-1)  # (B, NH, L, 1)
+        m = torch.maximum(m, log_state)
+    # 1/sqrt(DH) on the keys is folded into the decay: exp(log D - m - log sqrt(DH))
+    decay = torch.exp(log_d - (m + 0.5 * math.log(head_dim)))
+    c = (q @ k.transpose(-1, -2)) * decay  # (B, NH, L, L)
+    numerator = c.to(v.dtype) @ v  # (B, NH, L, DH)
+    dot = c.sum(-1, keepdim=True)  # (B, NH, L, 1)
+    if state is not None:
+        state_weight = torch.exp(log_state - m)  # (B, NH, L, 1)
+        q_scaled = q * (state_weight / math.sqrt(head_dim)).to(q.dtype)
+        numerator = numerator + q_scaled @ state_c.to(q.dtype)
+        dot = dot + (q_scaled @ state_n.to(q.dtype).unsqueeze(-1))
+    h = _normalise(numerator, dot, m, eps)
+    if not need_state:
+        return h, None
+    new_m = m[..., -1, 0]  # (B, NH): the stabiliser of the last token
+    key_weight = torch.exp(log_d[..., -1, :] - new_m.unsqueeze(-1)).unsqueeze(-1)  # (B, NH, L, 1)
+    weighted_k = k.to(key_weight.dtype) * key_weight
+    new_c = weighted_k.transpose(-1, -2) @ v.to(key_weight.dtype)  # (B, NH, DH, DH)
+    new_n = weighted_k.sum(-2)  # (B, NH, DH)
+    if state is not None:
+        carry = torch.exp(log_state[..., -1, 0] - new_m)  # (B, NH)
+        new_c = new_c + carry[..., None, None] * state_c
+        new_n = new_n + carry.unsqueeze(-1) * state_n
+    return h, (new_c, new_n, new_m)
+
+
+def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
+    """The quadratic form: all S x S token pairs at once. O(S^2 DH) time, O(S^2) memory per head.
+
+    q, k, v: (B, NH, S, DH); igate, fgate: gate pre-activations (B, NH, S). Returns h (B, NH, S, DH).
+    """
+    gate_dtype = _gate_dtype(q)
+    log_forget = F.logsigmoid(fgate.to(gate_dtype))
+    h, _ = _chunk(q, k, v, igate.to(gate_dtype), log_forget, None, eps, need_state=False)
+    return h.to(q.dtype)
+
+
+def chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=64, eps=1e-6):
+    """The linear form: the parallel form inside chunks of chunk_size tokens, the recurrent state
+    (C, n, m) carried between them. O(S L DH + S DH^2) time, no tensor larger than L x L or
+    DH x DH per head. The last chunk may be shorter.
+
+    q, k, v: (B, NH, S, DH); igate, fgate: gate pre-activations (B, NH, S). Returns h (B, NH, S, DH).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    gate_dtype = _gate_dtype(q)
+    log_forget = F.logsigmoid(fgate.to(gate_dtype))
+    igate = igate.to(gate_dtype)
+    seq_len = q.shape[-2]
+    outputs = []
+    state = None
+    for start in range(0, seq_len, chunk_size):
+        end = min(start + chunk_size, seq_len)
+        h, state = _chunk(
+            q[..., start:end, :], k[..., start:end, :], v[..., start:end, :],
+            igate[..., start:end], log_forget[..., start:end], state, eps, need_state=end < seq_len,
+        )
+        outputs.append(h)
+    return torch.cat(outputs, dim=-2).to(q.dtype)
+
+
+def recurrent_mlstm(q, k, v, igate, fgate, eps=1e-6):
+    """The recurrence of DESIGN.md section 1, one token at a time (reference, slow).
+
+    q, k, v: (B, NH, S, DH); igate, fgate: gate pre-activations (B, NH, S). Returns h (B, NH, S, DH).
+    """
+    out_dtype, gate_dtype = q.dtype, _gate_dtype(q)
+    log_forget = F.logsigmoid(fgate.to(gate_dtype))
+    igate = igate.to(gate_dtype)
+    q, k, v = q.to(gate_dtype), k.to(gate_dtype) / math.sqrt(q.shape[-1]), v.to(gate_dtype)
+    outputs = []
+    for t in range(q.shape[-2]):
+        if t == 0:
+            # empty state: m_0 = -inf, so m_1 = igate_1 and the (zero) state gets no weight
+            m = igate[..., 0]  # (B, NH)
+            c = torch.exp(igate[..., 0] - m)[..., None, None] * (v[..., 0, :, None] * k[..., 0, None, :])
+            n = torch.exp(igate[..., 0] - m).unsqueeze(-1) * k[..., 0, :]
+        else:
+            new_m = torch.maximum(log_forget[..., t] + m, igate[..., t])
+            forget = torch.exp(log_forget[..., t] + m - new_m)  # (B, NH)
+            input_ = torch.exp(igate[..., t] - new_m)
+            m = new_m
+            # C: (B, NH, DH_v, DH_k), n: (B, NH, DH_k)
+            c = forget[..., None, None] * c + input_[..., None, None] * (v[..., t, :, None] * k[..., t, None, :])
+            n = forget.unsqueeze(-1) * n + input_.unsqueeze(-1) * k[..., t, :]
+        numerator = (c @ q[..., t, :, None]).squeeze(-1)  # (B, NH, DH)
+        dot = (n * q[..., t, :]).sum(-1, keepdim=True)  # (B, NH, 1)
+        outputs.append(_normalise(numerator, dot, m.unsqueeze(-1), eps))
+    return torch.stack(outputs, dim=-2).to(out_dtype)
+
+
+MLSTM_FORMS = ("parallel", "chunkwise", "recurrent")
+CONV_KINDS = ("2d", "causal1d")
+
+
+def small_init_(weight, dim):
+    """The "small init" of the xLSTM/ViL code: normal with std sqrt(2 / (5 dim)), dim the model width."""
+    return nn.init.normal_(weight, mean=0.0, std=math.sqrt(2 / (5 * dim)))
+
+
+def wang_init_(weight, dim, num_blocks):
+    """Down-projection init of the xLSTM/ViL code: normal with std 2 / (num_blocks sqrt(dim))."""
+    return nn.init.normal_(weight, mean=0.0, std=2 / num_blocks / math.sqrt(dim))
+
+
+class BlockDiagonalLinear(nn.Module):
+    """A linear map width -> width whose matrix is block-diagonal with block_size x block_size
+    blocks (the q/k/v maps of the mLSTM layer): width * block_size weights instead of width^2."""
+
+    def __init__(self, width, block_size, bias=True):
+        super().__init__()
+        if width % block_size:
+            raise ValueError(f"width {width} is not a multiple of the block size {block_size}")
+        self.block_size = block_size
+        self.weight = nn.Parameter(torch.empty(width // block_size, block_size, block_size))  # (blocks, out, in)
+        self.bias = nn.Parameter(torch.zeros(width)) if bias else None
+
+    def forward(self, x):
+        """x: (..., width) -> (..., width)."""
+        blocks = x.unflatten(-1, (-1, self.block_size))  # (..., blocks, in)
+        out = torch.einsum("...bi,boi->...bo", blocks, self.weight).flatten(-2)
+        return out if self.bias is None else out + self.bias
+
+
+class MLSTMCell(nn.Module):
+    """Gates from [q, k, v], the mLSTM recurrence in one of its three forms, a per-head LayerNorm.
+
+    forward(q, k, v: (B, S, inner)) -> (B, S, inner).
+    """
+
+    def __init__(self, inner_dim, num_heads, form="parallel", chunk_size=64, norm_bias=True):
+        super().__init__()
+        if form not in MLSTM_FORMS:
+            raise ValueError(f"unknown mLSTM form {form!r}; choose one of {MLSTM_FORMS}")
+        if inner_dim % num_heads:
+            raise ValueError(f"inner width {inner_dim} is not a multiple of the {num_heads} heads")
+        self.num_heads = num_heads
+        self.form = form
+        self.chunk_size = chunk_size
+        self.igate = nn.Linear(3 * inner_dim, num_heads)
+        self.fgate = nn.Linear(3 * inner_dim, num_heads)
+        self.norm_weight = nn.Parameter(torch.ones(inner_dim))
+        self.norm_bias = nn.Parameter(torch.zeros(inner_dim)) if norm_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # forget gates start near 1 (long memory), spread over the heads; input gates near exp(0)
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, mean=0.0, std=0.1)
+        nn.init.ones_(self.norm_weight)
+        if self.norm_bias is not None:
+            nn.init.zeros_(self.norm_bias)
+
+    def forward(self, q, k, v):
+        batch, seq_len, inner = q.shape
+        # gate pre-activations in float32 even under autocast: they are summed in log space
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            gate_input = torch.cat([q, k, v], dim=-1).float()  # (B, S, 3 inner)
+            weight = torch.cat([self.igate.weight, self.fgate.weight]).float()
+            bias = torch.cat([self.igate.bias, self.fgate.bias]).float()
+            gates = F.linear(gate_input, weight, bias).transpose(1, 2)  # (B, 2 NH, S)
+        igate, fgate = gates.chunk(2, dim=1)  # (B, NH, S) each
+        q, k, v = (x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, NH, S, DH)
+        if self.form == "parallel":
+            h = parallel_mlstm(q, k, v, igate, fgate)
+        elif self.form == "chunkwise":
+            h = chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=self.chunk_size)
+        else:
+            h = recurrent_mlstm(q, k, v, igate, fgate)
+        # per-head LayerNorm (a GroupNorm with NH groups), then the learnable scale and shift
+        h = F.layer_norm(h, h.shape[-1:]).transpose(1, 2).reshape(batch, seq_len, inner)  # (B, S, inner)
+        h = h * self.norm_weight
+        return h if self.norm_bias is None else h + self.norm_bias
+
+
+class ViLLayer(nn.Module):
+    """The mLSTM layer of a ViL block (DESIGN.md section 3), reading the tokens in one direction.
+
+    dim: model width D; reverse: read bottom-right to top-left; patch_grid: (rows, cols) of the
+    token grid, needed by the "2d" conv. forward(x: (B, S, D)) -> (B, S, D).
+    """
+
+    def __init__(self, dim, reverse, patch_grid, conv_kind="2d", mlstm_form="parallel", chunk_size=64,
+                 expansion=2, num_heads=4, qkv_block_size=4, proj_bias=True, norm_bias=True,
+                 down_proj_blocks=1):
+        super().__init__()
+        if conv_kind not in CONV_KINDS:
+            raise ValueError(f"unknown conv kind {conv_kind!r}; choose one of {CONV_KINDS}")
+        inner = expansion * dim
+        self.dim = dim
+        self.reverse = reverse
+        self.patch_grid = tuple(patch_grid)
+        self.conv_kind = conv_kind
+        self.down_proj_blocks = down_proj_blocks
+        self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
+        if conv_kind == "2d":
+            # depthwise 3x3 on the patch grid (ViL v2)
+            self.conv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner)
+        else:
+            # depthwise causal conv of width 4 along the token sequence (ViL v1); left padding only
+            self.conv = nn.Conv1d(inner, inner, kernel_size=4, padding=3, groups=inner)
+        self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
+        self.cell = MLSTMCell(inner, num_heads, form=mlstm_form, chunk_size=chunk_size, norm_bias=norm_bias)
+        self.skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        small_init_(self.proj_up.weight, self.dim)
+        wang_init_(self.proj_down.weight, self.dim, self.down_proj_blocks)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            # the model width, not the inner width, sets the scale (as in the published code)
+            small_init_(proj.weight, self.dim)
+        for linear in (self.proj_up, self.proj_down, self.q_proj, self.k_proj, self.v_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        nn.init.ones_(self.skip)
+        self.conv.reset_parameters()
+        self.cell.reset_parameters()
+
+    def _conv(self, x):
+        """x: (B, S, inner) in this layer's reading order -> (B, S, inner)."""
+        batch, seq_len, inner = x.shape
+        if self.conv_kind == "2d":
+            # the reversed sequence of a row-major grid is the row-major grid rotated by 180
+            # degrees, so the same reshape serves both directions
+            grid = x.transpose(1, 2).reshape(batch, inner, *self.patch_grid)  # (B, inner, rows, cols)
+            return self.conv(grid).flatten(2).transpose(1, 2)  # (B, S, inner)
+        out = self.conv(x.transpose(1, 2))[..., :seq_len]  # (B, inner, S): keep the causal outputs
+        return out.transpose(1, 2)
+
+    def forward(self, x):
+        if self.reverse:
+            x = x.flip(1)
+        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)  # (B, S, inner) each
+        x_conv = F.silu(self._conv(x_mlstm))
+        h = self.cell(self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm))
+        h = (h + self.skip * x_conv) * F.silu(z)
+        out = self.proj_down(h)
+        return out.flip(1) if self.reverse else out
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a whole sample's residual branch with probability p and
+    scale the kept ones by 1 / (1 - p)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - self.p)
+        return x * (keep / (1.0 - self.p))
+
+
+class ViLBlock(nn.Module):
+    """x + DropPath(ViLLayer(LayerNorm(x))), one traversal direction.
+
+    direction: "top_left" (row-major from the top-left patch) or "bottom_right" (the reverse).
+    forward(x: (B, S, D)) -> (B, S, D).
+    """
+
+    DIRECTIONS = ("top_left", "bottom_right")
+
+    def __init__(self, dim, direction, patch_grid, drop_path=0.0, conv_kind="2d", mlstm_form="parallel",
+                 chunk_size=64, norm_bias=True, **layer_options):
+        super().__init__()
+        if direction not in self.DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}; choose one of {self.DIRECTIONS}")
+        self.direction = direction
+        self.norm = nn.LayerNorm(dim, bias=norm_bias)
+        self.layer = ViLLayer(dim, direction == "bottom_right", patch_grid, conv_kind=conv_kind,
+                              mlstm_form=mlstm_form, chunk_size=chunk_size, norm_bias=norm_bias, **layer_options)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        return x + self.drop_path(self.layer(self.norm(x)))

@@ -1,0 +1,183 @@
+"""Properties of the three mLSTM forms in mlstm.py: they compute the recurrence of DESIGN.md
+section 1 (checked against a naive float64 loop written here), stay finite at extreme gates,
+have correct gradients, and the chunkwise form needs memory linear in S."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mlstm import chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
+
+
+def naive_mlstm(q, k, v, igate, fgate, eps=1e-6):
+    """DESIGN.md section 1 word for word, one step at a time in float64, m_0 = -inf."""
+    q, k, v, igate, fgate = (x.double() for x in (q, k, v, igate, fgate))
+    batch, heads, seq_len, head_dim = q.shape
+    c = torch.zeros(batch, heads, head_dim, head_dim, dtype=torch.float64)
+    n = torch.zeros(batch, heads, head_dim, dtype=torch.float64)
+    m = torch.full((batch, heads), -math.inf, dtype=torch.float64)
+    outputs = []
+    for t in range(seq_len):
+        log_forget = F.logsigmoid(fgate[..., t])
+        new_m = torch.maximum(log_forget + m, igate[..., t])
+        forget = torch.exp(log_forget + m - new_m)[..., None]
+        input_ = torch.exp(igate[..., t] - new_m)[..., None]
+        key = k[..., t, :] / math.sqrt(head_dim)
+        c = forget[..., None] * c + input_[..., None] * v[..., t, :, None] * key[..., None, :]
+        n = forget * n + input_ * key
+        m = new_m
+        numerator = (c @ q[..., t, :, None]).squeeze(-1)
+        denominator = torch.maximum((n * q[..., t, :]).sum(-1).abs(), torch.exp(-m)) + eps
+        outputs.append(numerator / denominator[..., None])
+    return torch.stack(outputs, dim=-2)
+
+
+def make_inputs(seq_len, gate_scale, dtype, seed, batch=2, heads=2, head_dim=4):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=generator) for _ in range(3))
+    igate, fgate = (gate_scale * torch.randn(batch, heads, seq_len, generator=generator) for _ in range(2))
+    return tuple(x.to(dtype) for x in (q, k, v, igate, fgate))
+
+
+def relative_error(actual, expected):
+    """Largest deviation relative to the largest output."""
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def normwise_relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| (Frobenius). In float32 single tokens can be ill-conditioned
+    (the q.k of the dominant token nearly cancels), which any float32 implementation shows in its
+    largest deviation; the norm-wise error measures the forms instead of those inputs."""
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+FORMS = {
+    "parallel": parallel_mlstm,
+    "recurrent": recurrent_mlstm,
+    "chunkwise-1": lambda *x: chunkwise_mlstm(*x, chunk_size=1),
+    "chunkwise-3": lambda *x: chunkwise_mlstm(*x, chunk_size=3),
+    "chunkwise-16": lambda *x: chunkwise_mlstm(*x, chunk_size=16),
+    "chunkwise-64": lambda *x: chunkwise_mlstm(*x, chunk_size=64),
+}
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 5, 16, 17, 48, 100])
+@pytest.mark.parametrize("gate_scale", [1.0, 10.0, 50.0])
+def test_forms_equal_naive_loop_in_float64(seq_len, gate_scale):
+    inputs = make_inputs(seq_len, gate_scale, torch.float64, seed=seq_len)
+    expected = naive_mlstm(*inputs)
+    for name, form in FORMS.items():
+        assert relative_error(form(*inputs), expected) <= 1e-10, name
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 33, 64, 100, 130])
+@pytest.mark.parametrize("gate_scale", [1.0, 10.0, 50.0])
+def test_forms_match_naive_loop_in_float32(seq_len, gate_scale):
+    inputs = make_inputs(seq_len, gate_scale, torch.float32, seed=seq_len + 1000)
+    expected = naive_mlstm(*inputs)  # float64 on the same float32 inputs
+    for name, form in FORMS.items():
+        assert normwise_relative_error(form(*inputs), expected) <= 1e-4, name
+
+
+def test_chunkwise_with_one_chunk_is_the_parallel_form():
+    inputs = make_inputs(40, 5.0, torch.float32, seed=1)
+    assert torch.equal(chunkwise_mlstm(*inputs, chunk_size=40), parallel_mlstm(*inputs))
+    assert torch.equal(chunkwise_mlstm(*inputs, chunk_size=64), parallel_mlstm(*inputs))
+
+
+def test_representable_values_survive_extreme_input_gates():
+    # igate = -90: exp(-m) = e^90 overflows float32, yet h ~ e^-90 is a representable (subnormal)
+    # float32 number; igate = -80: exp(-m) fits, h ~ e^-80; both must match the float64 value, not
+    # be flushed to zero
+    for igate_value in (-80.0, -90.0):
+        q, k, v, igate, fgate = make_inputs(20, 1.0, torch.float32, seed=2)
+        igate = torch.full_like(igate, igate_value)
+        expected = naive_mlstm(q, k, v, igate, fgate)
+        for name, form in FORMS.items():
+            assert relative_error(form(q, k, v, igate, fgate), expected) <= 1e-4, name
+
+
+GATE_PATTERNS = {
+    "i+f+": (100.0, 100.0), "i+f-": (100.0, -100.0), "i-f+": (-100.0, 100.0), "i-f-": (-100.0, -100.0),
+}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("pattern", [*GATE_PATTERNS, "random-signs"])
+def test_outputs_and_gradients_finite_at_extreme_gates(pattern, autocast):
+    q, k, v, igate, fgate = make_inputs(37, 1.0, torch.float32, seed=3)
+    if pattern == "random-signs":
+        igate, fgate = 100.0 * igate.sign(), 100.0 * fgate.sign()
+    else:
+        igate, fgate = (torch.full_like(igate, value) for value in GATE_PATTERNS[pattern])
+    for name, form in FORMS.items():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, igate, fgate)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h = form(*leaves)
+        assert torch.isfinite(h).all(), name
+        (h.float() * torch.randn_like(h.float())).sum().backward()
+        for leaf in leaves:
+            assert torch.isfinite(leaf.grad).all(), name
+
+
+def test_bf16_inputs_agree_with_float64():
+    inputs = make_inputs(50, 3.0, torch.bfloat16, seed=4)
+    expected = naive_mlstm(*inputs)
+    for name, form in FORMS.items():
+        out = form(*inputs)
+        assert out.dtype == torch.bfloat16
+        assert relative_error(out, expected) <= 5e-2, name
+
+
+@pytest.mark.parametrize("form", [parallel_mlstm, lambda *x: chunkwise_mlstm(*x, chunk_size=3)],
+                         ids=["parallel", "chunkwise"])
+@pytest.mark.parametrize("gate_scale", [1.0, 5.0])
+def test_gradcheck_float64(form, gate_scale):
+    inputs = [x.requires_grad_() for x in make_inputs(7, gate_scale, torch.float64, seed=5, batch=1, heads=2,
+                                                       head_dim=3)]
+    assert torch.autograd.gradcheck(form, inputs)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operator returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def largest_tensor_and_saved_elements(form, seq_len):
+    """(largest tensor made in forward and backward, elements saved for the backward) of one call."""
+    leaves = [x.requires_grad_() for x in make_inputs(seq_len, 2.0, torch.float32, seed=6, batch=1, heads=1,
+                                                       head_dim=8)]
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with LargestTensor() as probe, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        form(*leaves).sum().backward()
+    return probe.largest, sum(saved)
+
+
+def test_chunkwise_memory_is_linear_in_sequence_length():
+    # the probe sees the S x S matrices of the parallel form
+    largest, saved = largest_tensor_and_saved_elements(parallel_mlstm, 256)
+    assert largest >= 256 * 256 and saved >= 256 * 256
+    seq_len = 4096
+    largest, saved = largest_tensor_and_saved_elements(lambda *x: chunkwise_mlstm(*x, chunk_size=64), seq_len)
+    # the parallel form needs several S x S = 16.8M-element tensors here; chunkwise needs O(S L)
+    assert largest <= seq_len * 8 * 2
+    assert saved <= 40 * seq_len * 64
+    assert saved < seq_len * seq_len / 4
