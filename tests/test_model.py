@@ -1,0 +1,184 @@
+"""Properties of the ViL block (mlstm.py) and the model (model.py): shapes and finite gradients on
+the image sizes we train on, the traversal directions, presets, errors and optimizer groups."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mlstm import ViLBlock
+from model import PRESETS, ViLConfig, VisionLSTM, create_model
+
+SMALL = dict(dim=32, depth=2)  # a fast model for the shape and gradient tests
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 28, 28), (2, 3, 32, 32), (2, 3, 32, 48)])
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(conv_kind="causal1d", pooling="bilateral_avg"),
+    dict(mlstm_form="chunkwise", chunk_size=10, drop_path=0.2),
+])
+def test_forward_backward_finite_on_training_shapes(shape, options):
+    batch, chans, height, width = shape
+    model = create_model("vil-seed", num_classes=7, in_chans=chans, img_size=(height, width), **SMALL, **options)
+    model.train()
+    logits = model(torch.randn(shape))
+    assert logits.shape == (batch, 7)
+    logits.square().sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_gradients_reach_the_blocks():
+    # the head starts at std 2e-5; the blocks must still receive a (small) gradient
+    model = create_model("vil-seed", **SMALL)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    for name, param in model.named_parameters():
+        if name.startswith("blocks.") and name.endswith("proj_up.weight"):
+            assert param.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
+def test_model_forms_agree(form):
+    torch.manual_seed(0)
+    reference = create_model("vil-seed", **SMALL).double()
+    other = create_model("vil-seed", mlstm_form=form, chunk_size=5, **SMALL).double()
+    other.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(other(x), reference(x), rtol=1e-9, atol=1e-15)
+
+
+PRESET_PARAMS = {"vil-seed": 995_946, "vil-t": 5_846_026, "vil-s": 22_308_682, "vil-b": 87_084_490}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_counts(name):
+    model = create_model(name, num_classes=10, img_size=32)
+    assert model.num_params() == PRESET_PARAMS[name]
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_preset_sizes_match_the_reference_models():
+    # the seed README's model: ~1.0M; ViL-T ~5.8M at 32 px (6M at 224 px with 196 tokens and 1000 classes)
+    assert abs(create_model("vil-seed").num_params() / 1.0e6 - 1) < 0.05
+    assert abs(create_model("vil-t").num_params() / 5.8e6 - 1) < 0.02
+    assert create_model("vil-seed").config.pooling == "bilateral_concat"
+
+
+def make_block_pair(patch_grid, conv_kind):
+    torch.manual_seed(1)
+    forward = ViLBlock(16, "top_left", patch_grid, conv_kind=conv_kind)
+    backward = ViLBlock(16, "bottom_right", patch_grid, conv_kind=conv_kind)
+    # random skip, gates and biases so that no part of the layer is symmetric by its init
+    for param in forward.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    backward.load_state_dict(forward.state_dict())
+    return forward, backward
+
+
+@pytest.mark.parametrize("conv_kind", ["2d", "causal1d"])
+def test_reversed_block_is_the_flipped_forward_block(conv_kind):
+    patch_grid = (3, 5)  # not square: a 180-degree rotation must keep rows and columns apart
+    forward, backward = make_block_pair(patch_grid, conv_kind)
+    x = torch.randn(2, 15, 16)
+    flipped = forward(x.flip(1)).flip(1)
+    torch.testing.assert_close(backward(x), flipped, rtol=1e-6, atol=1e-6)
+    # same weights, other direction: a different function
+    assert (backward(x) - forward(x)).abs().max() > 1e-2
+
+
+def test_causal_conv_block_reads_only_earlier_tokens():
+    forward, backward = make_block_pair((3, 5), "causal1d")
+    x = torch.randn(1, 15, 16)
+    changed = x.clone()
+    changed[:, 7] += 1.0
+    assert torch.equal(forward(x)[:, :7], forward(changed)[:, :7])  # top-left reader: tokens before 7 unchanged
+    assert torch.equal(backward(x)[:, 8:], backward(changed)[:, 8:])  # bottom-right reader: tokens after 7
+
+
+def test_2d_conv_sees_the_patch_below():
+    # with the 2d conv the top-left reader's first token already sees its grid neighbour below
+    forward, _ = make_block_pair((3, 5), "2d")
+    x = torch.randn(1, 15, 16)
+    changed = x.clone()
+    changed[:, 5] += 1.0  # the patch below token 0 on a 3 x 5 grid
+    assert not torch.equal(forward(x)[:, 0], forward(changed)[:, 0])
+    changed = x.clone()
+    changed[:, 10] += 1.0  # two rows below: outside the 3x3 kernel, and later in the sequence
+    assert torch.equal(forward(x)[:, 0], forward(changed)[:, 0])
+
+
+def test_blocks_alternate_direction_and_drop_path_grows_linearly():
+    model = create_model("vil-seed", depth=4, drop_path=0.3, dim=16)
+    assert [block.direction for block in model.blocks] == ["top_left", "bottom_right"] * 2
+    assert [block.drop_path.p for block in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_drop_path_only_in_training():
+    model = create_model("vil-seed", drop_path=0.5, **SMALL)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(first, model(x))
+
+
+def test_model_rebuilds_from_json_config():
+    model = create_model("vil-seed", img_size=(28, 28), in_chans=1, **SMALL)
+    saved = json.loads(json.dumps(dataclasses.asdict(model.config)))  # img_size comes back as a list
+    rebuilt = VisionLSTM(ViLConfig(**saved))
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    assert rebuilt.config == model.config
+    assert torch.equal(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="vil-huge"), "unknown model"),
+    (dict(name="vil-t", heads=3), "unknown model option"),
+    (dict(name="vil-t", img_size=30), "does not divide"),
+    (dict(name="vil-t", img_size=(32, 30)), "does not divide"),
+    (dict(name="vil-t", pooling="cls"), "pooling"),
+    (dict(name="vil-t", mlstm_form="fast"), "mlstm_form"),
+    (dict(name="vil-t", conv_kind="3d"), "conv_kind"),
+    (dict(name="vil-t", dim=0), "dim"),
+    (dict(name="vil-t", depth=-1), "depth"),
+    (dict(name="vil-t", chunk_size=0), "chunk_size"),
+    (dict(name="vil-t", drop_path=1.5), "drop_path"),
+    (dict(name="vil-t", img_size=(0, 32)), "img_size"),
+])
+def test_bad_configurations_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(**kwargs)
+
+
+def test_param_groups_cover_every_parameter_once_and_spare_biases_norms_and_embeddings():
+    model = create_model("vil-seed", **SMALL)
+    decay, no_decay = model.param_groups(weight_decay=0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for p in decay["params"]] + [id(p) for p in no_decay["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    for name, param in model.named_parameters():
+        spared = (name.endswith("bias") or "norm" in name or name == "pos_embed" or name.endswith(".skip"))
+        assert (id(param) in no_decay_ids) == spared, name
+    torch.optim.AdamW(model.param_groups(0.05), lr=1e-3)
+
+
+def test_flops_per_image():
+    small, deep = create_model("vil-seed"), create_model("vil-t")
+    assert 0 < small.flops_per_image() < deep.flops_per_image()
+    # the blocks dominate: 6x the blocks, about 6x the FLOPs
+    assert 5.5 < deep.flops_per_image() / small.flops_per_image() < 6.1
+    # vil-t at 32 px: ~0.44 G multiply-adds per image (projections ~0.35 G, mLSTM ~0.08 G)
+    assert 0.8e9 < deep.flops_per_image() < 1.0e9
+
+
+def test_model_compiles_without_graph_breaks():
+    model = create_model("vil-seed", **SMALL)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
