@@ -521,6 +521,18 @@ def test_each_policy_op_keeps_range_and_changes_images(op):
     assert torch.equal(out, x) == (op == "identity")
 
 
+def test_affine_grid_matches_torch_and_translate_shifts_whole_pixels():
+    theta = torch.randn(4, 2, 3)
+    torch.testing.assert_close(data._affine_grid(theta, 12, 20), torch.nn.functional.affine_grid(
+        theta, (4, 1, 12, 20), align_corners=False), rtol=1e-5, atol=1e-6)
+    x = torch.rand(2, 3, 20, 20)
+    # translate_x at magnitude 4/9 moves by 0.45 * 4/9 * 20 = 4 pixels, the sign giving the direction
+    out = data._geometric(x, torch.tensor([2, 2]), torch.full((2,), 4 / 9), torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(out[0, :, :, :16], x[0, :, :, 4:])
+    torch.testing.assert_close(out[1, :, :, 4:], x[1, :, :, :16])
+    assert float(out[0, :, :, 16:].abs().max()) < 1e-5 and float(out[1, :, :, :4].abs().max()) < 1e-5
+
+
 def test_pixel_ops_match_pillow():
     rng = np.random.default_rng(0)
     pixels = rng.integers(30, 200, (16, 16, 3), dtype=np.uint8)
