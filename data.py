@@ -439,8 +439,9 @@ def load_image_folder(folder, image_size=32, classes=None):
                       if f.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    listing = [(os.path.relpath(p, folder), os.stat(p).st_size, os.stat(p).st_mtime_ns, y) for p, y in files]
-    key = hashlib.md5(json.dumps([image_size, classes, listing]).encode()).hexdigest()
+    stats = [os.stat(p) for p, _ in files]
+    listing = [(os.path.relpath(p, folder), st.st_size, st.st_mtime_ns, y) for (p, y), st in zip(files, stats)]
+    key = hashlib.md5(json.dumps([os.path.abspath(folder), image_size, classes, listing]).encode()).hexdigest()
     cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
                  else os.path.join(os.path.dirname(verification_cache_path(folder)), "folders"))
     cache_path = os.path.join(cache_dir, f"{key}.pt")
@@ -512,6 +513,14 @@ class Augment:
     mixup_alpha: float = 0.0        # Beta(alpha, alpha) mixing with another image of the batch; 0 = off
     cutmix_alpha: float = 0.0       # Beta(alpha, alpha) box pasted from another image; 0 = off
     mix_prob: float = 1.0           # probability that an image is mixed when mixup or cutmix is on
+
+    def __post_init__(self):
+        if self.policy not in ("none", "randaugment", "trivialaugment"):
+            raise ValueError(f"unknown augmentation policy {self.policy!r}: none, randaugment or trivialaugment")
+        if self.crop_padding < 0 or self.policy_ops < 1 or not 0 <= self.policy_magnitude <= 30:
+            raise ValueError(f"need crop_padding >= 0, policy_ops >= 1, 0 <= policy_magnitude <= 30: {self}")
+        if min(self.mixup_alpha, self.cutmix_alpha) < 0 or not (0 <= self.erasing_prob <= 1 and 0 <= self.mix_prob <= 1):
+            raise ValueError(f"need alphas >= 0 and probabilities in [0, 1]: {self}")
 
     @property
     def mixes(self):
@@ -650,17 +659,16 @@ def _policy(x, augment, generator):
         magnitude = torch.full((B,), augment.policy_magnitude / 30, device=x.device, dtype=x.dtype)
         if augment.policy == "trivialaugment":
             magnitude = magnitude * torch.rand(B, device=x.device, generator=generator, dtype=x.dtype)
-        out = x.clone()
+        # the groups are disjoint, so each can be written back in place
         for index, name in enumerate(_COLOUR):
             if name == "identity":
                 continue
             chosen = (op == index).nonzero().squeeze(1)
             if len(chosen):
-                out[chosen] = _COLOUR[name](x[chosen], magnitude[chosen], sign[chosen]).to(x.dtype)
+                x[chosen] = _COLOUR[name](x[chosen], magnitude[chosen], sign[chosen]).to(x.dtype)
         chosen = (op >= len(_COLOUR)).nonzero().squeeze(1)
         if len(chosen):
-            out[chosen] = _geometric(x[chosen], op[chosen] - len(_COLOUR), magnitude[chosen], sign[chosen])
-        x = out
+            x[chosen] = _geometric(x[chosen], op[chosen] - len(_COLOUR), magnitude[chosen], sign[chosen])
     return x
 
 
@@ -726,8 +734,6 @@ class DeviceLoader:
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {images.shape[1]} channels")
         augment = augment or Augment()
-        if augment.policy not in ("none", "randaugment", "trivialaugment"):
-            raise ValueError(f"unknown augmentation policy {augment.policy!r}: none, randaugment or trivialaugment")
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         self.device = torch.device(device)

@@ -638,6 +638,17 @@ def test_shards_are_disjoint_and_complete():
     assert sorted(flat) == list(range(N))
 
 
+def test_bad_settings_raise_value_error():
+    with pytest.raises(ValueError, match="policy"):
+        data.Augment(policy="autoaugment")
+    with pytest.raises(ValueError, match="probabilities"):
+        data.Augment(erasing_prob=1.5)
+    with pytest.raises(ValueError, match="recipe"):
+        data.augment_recipe("extreme")
+    with pytest.raises(ValueError, match="no full batch"):
+        raw_loader(data.Augment(), batch_size=N + 1)
+
+
 def test_limit_uses_only_the_first_images():
     _, loader = raw_loader(data.Augment(), batch_size=4, limit=20)
     assert len(loader) == 5
