@@ -714,6 +714,11 @@ def _mix(x, y, augment, num_classes, generator, rng):
 # -----------------------------------------------------------------------------
 # The loader
 
+def _seed(*parts):
+    """A 48-bit seed that depends on every part (unlike sums or Python's hash, stable across runs)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=6).digest(), "big")
+
+
 class DeviceLoader:
     """A whole split as one uint8 tensor on `device`; epoch(e) yields normalised, augmented batches.
 
@@ -769,7 +774,7 @@ class DeviceLoader:
         n = len(self.images)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size, device=self.device)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(_seed("permutation", self.seed, epoch))
         perm = torch.randperm(n, generator=generator)[: self.shard_size * self.world_size]
         return perm[self.rank:: self.world_size].to(self.device)
 
@@ -788,9 +793,8 @@ class DeviceLoader:
 
     def _augment(self, x, y, epoch, step):
         augment = self.augment
-        key = f"{self.seed},{epoch},{step},{self.rank}".encode()
-        batch_seed = int.from_bytes(hashlib.blake2b(key, digest_size=6).digest(), "big")
-        generator = torch.Generator(self.device).manual_seed(batch_seed)
+        batch_seed = _seed("augment", self.seed, epoch, step, self.rank)
+        generator = torch.Generator(device=self.device).manual_seed(batch_seed)
         B, C, H, W = x.shape
         if augment.crop_padding > 0:
             shifts = torch.randint(-augment.crop_padding, augment.crop_padding + 1, (B, 2), device=self.device,
