@@ -649,8 +649,8 @@ def _affine_grid(theta, H, W):
 
 
 def _policy(x, augment, generator):
-    """RandAugment / TrivialAugment on x (B, C, H, W) float in [0, 1]: each image draws its own ops;
-    images sharing an op are transformed together."""
+    """RandAugment / TrivialAugment on x (B, C, H, W) float in [0, 1], transformed in place and returned:
+    each image draws its own ops; images sharing an op are transformed together."""
     B = x.shape[0]
     rounds = augment.policy_ops if augment.policy == "randaugment" else 1
     for _ in range(rounds):
