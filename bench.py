@@ -1,0 +1,431 @@
+"""Benchmarks for Vision-LSTM: training throughput and peak memory of a preset beside a plain ViT,
+the cost of the three mLSTM forms as the sequence grows, and the speed of the data pipeline.
+
+    python bench.py                        # training table: vil-t beside its ViT, batch 64, every
+                                           # dtype (and eager + compiled) that suits the device
+    python bench.py --model vil-t --batch-size 64 --device cpu --dtypes fp32 bf16 --steps 10 --warmup 3
+    python bench.py --model vil-t vil-s --device cuda --dtypes bf16 --compile
+    python bench.py --forms                # parallel / chunkwise / recurrent mLSTM, S = 64 .. 4096
+    python bench.py --data                 # DeviceLoader images/s, all augmentations, vs vil-seed training
+    python bench.py --profile --model vil-t  # top ops of one training step, ViL and its ViT
+
+Training throughput is one optimisation step (forward, cross-entropy, backward, AdamW step) on
+random 32x32 images and labels, in images/s. Warm-up steps are excluded; each timed step is a
+window of its own (synchronised on CUDA); the table shows the median and the range over windows.
+Every configuration runs in a fresh process, so its peak memory is its own: on CUDA
+torch.cuda.max_memory_allocated, on CPU the peak resident set size of the process (getrusage
+maxrss, which includes the Python + torch runtime: the header prints that baseline).
+--compile wraps the model in torch.compile (the optimizer step stays eager).
+
+The yardstick is a plain ViT of the preset's width with the same FLOPs: a ViT block costs about
+as much as two ViL blocks (one pair of directions), so its depth is half the preset's block count
+(vil-t: dim 192, depth 12, 3 heads). Pre-norm, head width 64, MLP ratio 4 (GELU), the preset's
+patch size, learnable position embedding, no class token and mean pooling over the tokens (ViL
+has no class token either), attention by torch's scaled_dot_product_attention. Its FLOPs are
+counted as the model counts its own: forward multiply-adds of matmuls and convolutions, times 2.
+The "counted" column is torch's FlopCounterMode on one forward pass, as a check of both counts.
+"""
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: plain fp32, no autocast
+IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
+VIT_HEAD_DIM, VIT_MLP_RATIO = 64, 4
+
+# --forms: one mLSTM layer of vil-t (inner width 384 over 4 heads); batch 1 keeps the parallel
+# form's (S, S) matrices at S = 4096 within a shared machine's memory
+FORMS_LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096]
+FORMS_BATCH, FORMS_HEADS, FORMS_HEAD_DIM, FORMS_CHUNK_SIZE = 1, 4, 96, 64
+RECURRENT_MAX_LENGTH = 1024  # one Python step per token: beyond this it only measures the loop
+
+# --data: the loader at the training batch size of the seed README, on synthetic CIFAR-shaped
+# uint8 images (the augmentations' cost does not depend on the pixel values)
+DATA_BATCH_SIZE, DATA_NUM_IMAGES, DATA_MODEL, DATA_TARGET_RATIO = 256, 10240, "vil-seed", 10
+
+
+# ----------------------------------------------------------------------------- the yardstick ViT
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, length, dim = x.shape
+        # (B, S, 3D) -> (3, B, NH, S, DH)
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(h.transpose(1, 2).reshape(batch, length, dim))  # (B, NH, S, DH) -> (B, S, D)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, VIT_MLP_RATIO * dim), nn.GELU(), nn.Linear(VIT_MLP_RATIO * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Plain pre-norm ViT with mean pooling. forward(x: (B, C, H, W)) -> logits (B, num_classes)."""
+
+    def __init__(self, dim, depth, patch_size, img_size, in_chans, num_classes):
+        super().__init__()
+        self.dim, self.depth, self.num_classes = dim, depth, num_classes
+        self.num_tokens = (img_size[0] // patch_size) * (img_size[1] // patch_size)
+        self.patch_embed = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, self.num_tokens, dim), std=0.02))
+        self.blocks = nn.Sequential(*[Block(dim, dim // VIT_HEAD_DIM) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, S, D)
+        x = self.blocks(x + self.pos_embed)
+        return self.head(self.norm(x).mean(dim=1))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self):
+        """Forward FLOPs of one image: 2 x multiply-adds of the convolution and the matmuls."""
+        tokens, dim = self.num_tokens, self.dim
+        patch_embed = 2 * tokens * dim * self.patch_embed.weight[0].numel()
+        projections = 2 * tokens * (3 + 1 + 2 * VIT_MLP_RATIO) * dim * dim  # qkv, out, MLP up and down
+        attention = 2 * 2 * tokens * tokens * dim  # Q K^T and (attention) V
+        return patch_embed + self.depth * (projections + attention) + 2 * dim * self.num_classes
+
+
+def yardstick_arch(preset):
+    """The ViT keyword arguments that match a ViL preset's width, patch, input and FLOPs."""
+    from model import PRESETS, ViLConfig
+    config = ViLConfig(**PRESETS[preset])
+    return dict(dim=config.dim, depth=max(1, config.depth // 2), patch_size=config.patch_size,
+                img_size=(IMG_SIZE, IMG_SIZE), in_chans=IN_CHANS, num_classes=NUM_CLASSES)
+
+
+def build_model(spec):
+    """spec: ("vil", preset name) or ("vit", ViT keyword arguments) -> nn.Module with
+    num_params() and flops_per_image()."""
+    kind, what = spec
+    if kind == "vit":
+        return ViT(**what)
+    from model import create_model
+    return create_model(what, num_classes=NUM_CLASSES, in_chans=IN_CHANS, img_size=IMG_SIZE)
+
+
+def model_label(spec):
+    kind, what = spec
+    return f"vit-d{what['dim']}x{what['depth']}" if kind == "vit" else what
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_windows(fn, steps, warmup, device):
+    """Runs fn warmup times untimed, then steps times, each timed alone -> list of seconds."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def peak_memory_bytes(device):
+    """Peak memory of this process so far: allocated CUDA memory, or CPU resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def counted_flops(model, device):
+    """Forward FLOPs of one image by torch's FlopCounterMode (the math attention backend, so the
+    counter sees the attention matmuls)."""
+    x = torch.randn(1, IN_CHANS, IMG_SIZE, IMG_SIZE, device=device)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def make_train_step(model, batch_size, dtype, device):
+    """A closure doing one AdamW training step on a fixed random batch."""
+    x = torch.randn(batch_size, IN_CHANS, IMG_SIZE, IMG_SIZE, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    autocast_dtype = AUTOCAST_DTYPES[dtype]
+
+    def train_step():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train_step
+
+
+def measure_training(spec, batch_size, device, dtype, compiled, steps, warmup):
+    """Runs in a fresh process. -> dict with params, flops, counted flops, a list of images/s per
+    timed window, and peak memory in bytes."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = build_model(spec).to(device)
+    result = dict(params=model.num_params(), flops=model.flops_per_image(), counted=counted_flops(model, device))
+    step = make_train_step(torch.compile(model) if compiled else model, batch_size, dtype, device)
+    seconds = timed_windows(step, steps, warmup, device)
+    result["images_per_s"] = [batch_size / s for s in seconds]
+    result["peak_memory"] = peak_memory_bytes(device)
+    return result
+
+
+def runtime_baseline(device):
+    """Runs in a fresh process: peak memory of Python + torch with no model (CPU), else 0."""
+    torch.zeros(1, device=device)
+    return peak_memory_bytes(torch.device(device)) if device == "cpu" else 0
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a newly spawned interpreter, so that its peak memory and caches are its own."""
+    # an executor, unlike a Pool, fails loudly when the worker dies (killed for memory, say)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as executor:
+        return executor.submit(fn, *args).result()
+
+
+# ----------------------------------------------------------------------------- tables
+
+def hardware_line(device):
+    if device.type == "cuda":
+        chip = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        with open("/proc/cpuinfo") as cpuinfo:  # platform.processor() is often empty on Linux
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        chip = f"CPU {names[0] if names else platform.processor()}"
+    return (f"{chip}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def print_table(header, rows):
+    """Markdown table, ready to paste into README.md."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+    print()
+
+
+def megabytes(num_bytes):
+    return f"{num_bytes / 2**20:.0f} MB"
+
+
+def training_row(spec, dtype, compiled, args, device):
+    """Measures one configuration in a fresh process -> (median images/s, table cells without the ratio)."""
+    result = in_fresh_process(measure_training, spec, args.batch_size, device.type, dtype, compiled,
+                              args.steps, args.warmup)
+    speeds = result["images_per_s"]
+    speed = statistics.median(speeds)
+    cells = [model_label(spec), f"{result['params'] / 1e6:.2f}M", f"{result['flops'] / 1e9:.3f}",
+             f"{result['counted'] / 1e9:.3f}", args.batch_size, dtype, "yes" if compiled else "no",
+             f"{speed:.0f} ({min(speeds):.0f}-{max(speeds):.0f})"]
+    return speed, cells + [megabytes(result["peak_memory"])]
+
+
+def training_table(args, device):
+    if device.type == "cuda":
+        memory_kind = "torch.cuda.max_memory_allocated"
+    else:
+        baseline = in_fresh_process(runtime_baseline, device.type)
+        memory_kind = f"peak process RSS (maxrss), of which Python + torch alone: {megabytes(baseline)}"
+    print(f"## Training throughput (forward + backward + AdamW step), {hardware_line(device)}\n")
+    print(f"{IMG_SIZE}x{IMG_SIZE} inputs, random data; img/s: median (min-max) of {args.steps} timed steps "
+          f"after {args.warmup} warm-up; peak memory: {memory_kind}\n")
+    vit_speeds, rows = {}, []
+    for preset in args.model:
+        vit = ("vit", yardstick_arch(preset))
+        for dtype in args.dtypes:
+            for compiled in args.compile_modes:
+                key = (model_label(vit), dtype, compiled)
+                if key not in vit_speeds:  # presets of the same width and depth share one ViT row
+                    vit_speeds[key], cells = training_row(vit, dtype, compiled, args, device)
+                    rows.append(cells[:-1] + ["1.00"] + cells[-1:])
+                speed, cells = training_row(("vil", preset), dtype, compiled, args, device)
+                rows.append(cells[:-1] + [f"{speed / vit_speeds[key]:.2f}"] + cells[-1:])
+    print_table(["model", "params", "GFLOPs/img", "counted", "batch", "dtype", "compile", "img/s", "vs ViT",
+                 "peak memory"], rows)
+
+
+def time_form(form, length, dtype, args, device):
+    """Milliseconds (forward, forward + backward) of one mLSTM form over (1, 4, length, 96) inputs."""
+    shape = (FORMS_BATCH, FORMS_HEADS, length, FORMS_HEAD_DIM)
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    igate = torch.randn(shape[:3], device=device, requires_grad=True)
+    fgate = (torch.randn(shape[:3], device=device) + 4).requires_grad_()  # forget gates near their init
+    autocast_dtype = AUTOCAST_DTYPES[dtype]
+
+    def forward():
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            form(q, k, v, igate, fgate)
+
+    def forward_backward():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            h = form(q, k, v, igate, fgate)
+        h.float().sum().backward()
+
+    return [1000 * statistics.median(timed_windows(fn, args.steps, args.warmup, device))
+            for fn in (forward, forward_backward)]
+
+
+def forms_table(args, device):
+    from mlstm import chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
+    forms = [("parallel", parallel_mlstm),
+             ("chunkwise", lambda *tensors: chunkwise_mlstm(*tensors, chunk_size=FORMS_CHUNK_SIZE)),
+             ("recurrent", recurrent_mlstm)]
+    print(f"## mLSTM forms, ms per call: forward / forward + backward, {hardware_line(device)}\n")
+    print(f"q, k, v (B={FORMS_BATCH}, NH={FORMS_HEADS}, S, DH={FORMS_HEAD_DIM}) (one vil-t layer), chunk size "
+          f"{FORMS_CHUNK_SIZE}; median of {args.steps} after {args.warmup} warm-up; recurrent only up to "
+          f"S={RECURRENT_MAX_LENGTH} (one Python step per token: longer runs only time the loop)\n")
+    rows = []
+    for dtype in args.dtypes:
+        for length in FORMS_LENGTHS:
+            cells = [dtype, length]
+            for name, form in forms:
+                if name == "recurrent" and length > RECURRENT_MAX_LENGTH:
+                    cells.append("skipped")
+                    continue
+                forward_ms, forward_backward_ms = time_form(form, length, dtype, args, device)
+                cells.append(f"{forward_ms:.1f} / {forward_backward_ms:.1f}")
+            rows.append(cells)
+    print_table(["dtype", "S"] + [name for name, _ in forms], rows)
+
+
+def measure_loader(device, steps, warmup):
+    """Runs in a fresh process. -> images/s per timed batch of the DeviceLoader with the "strong"
+    recipe (crop, flip, RandAugment, erasing, mixup/cutmix: every augmentation on), over synthetic
+    CIFAR-shaped uint8 images."""
+    from data import DATASETS, DeviceLoader, augment_recipe
+    device = torch.device(device)
+    info = DATASETS["cifar10"]
+    images = torch.randint(0, 256, (DATA_NUM_IMAGES, IN_CHANS, IMG_SIZE, IMG_SIZE), dtype=torch.uint8)
+    labels = torch.randint(0, info.num_classes, (DATA_NUM_IMAGES,))
+    loader = DeviceLoader(images, labels, DATA_BATCH_SIZE, num_classes=info.num_classes, mean=info.mean,
+                          std=info.std, train=True, augment=augment_recipe("strong"), device=device)
+
+    def every_batch():  # as many epochs as the timing needs
+        epoch = 0
+        while True:
+            yield from loader.epoch(epoch)
+            epoch += 1
+
+    batches = every_batch()
+    seconds = timed_windows(lambda: next(batches), steps, warmup, device)
+    return [DATA_BATCH_SIZE / s for s in seconds]
+
+
+def data_table(args, device):
+    dtype, compiled = args.dtypes[-1], args.compile_modes[-1]
+    loader_speeds = in_fresh_process(measure_loader, device.type, args.steps, args.warmup)
+    training = in_fresh_process(measure_training, ("vil", DATA_MODEL), DATA_BATCH_SIZE, device.type, dtype,
+                                compiled, args.steps, args.warmup)
+    loader_speed = statistics.median(loader_speeds)
+    training_speed = statistics.median(training["images_per_s"])
+    print(f"## Data pipeline, {hardware_line(device)}\n")
+    print(f"DeviceLoader, batch {DATA_BATCH_SIZE}, every augmentation on, synthetic uint8 {IMG_SIZE}x{IMG_SIZE} "
+          f"images, against {DATA_MODEL} training at the same batch ({dtype}, compile "
+          f"{'yes' if compiled else 'no'}); median (min-max) of {args.steps} after {args.warmup} warm-up; "
+          f"target: loader >= {DATA_TARGET_RATIO}x training\n")
+    print_table(["what", "img/s", "loader / training"], [
+        ["DeviceLoader", f"{loader_speed:.0f} ({min(loader_speeds):.0f}-{max(loader_speeds):.0f})",
+         f"{loader_speed / training_speed:.1f}x"],
+        [f"{DATA_MODEL} training", f"{training_speed:.0f} ({min(training['images_per_s']):.0f}-"
+                                   f"{max(training['images_per_s']):.0f})", "1.0x"]])
+
+
+def profile_table(args, device):
+    """Top ops by self time of one training step of each preset and of its ViT."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for preset in args.model:
+        for spec in [("vil", preset), ("vit", yardstick_arch(preset))]:
+            model = build_model(spec).to(device)
+            step = make_train_step(model, args.batch_size, args.dtypes[0], device)
+            timed_windows(step, 0, args.warmup, device)
+            with profile(activities=activities) as profiler:
+                step()
+                synchronize(device)
+            print(f"## Profile of one training step: {model_label(spec)}, batch {args.batch_size}, "
+                  f"{args.dtypes[0]}, {hardware_line(device)}\n")
+            print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["vil-t"], help="ViL presets, each beside its ViT")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", choices=list(AUTOCAST_DTYPES),
+                        help="fp32 and/or bf16 autocast (default: fp32 on CPU, fp32 bf16 on CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="also measure torch.compile'd models (default: yes on CUDA, no on CPU)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (windows) per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--forms", action="store_true", help="time the three mLSTM forms instead")
+    parser.add_argument("--data", action="store_true", help="time the data pipeline instead")
+    parser.add_argument("--profile", action="store_true", help="profile one training step instead")
+    args = parser.parse_args()
+    from model import PRESETS
+    unknown = [name for name in args.model if name not in PRESETS]
+    if unknown:
+        parser.error(f"unknown --model {' '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda asked for but torch sees no CUDA device; use --device cpu")
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be at least 1, --warmup at least 0")
+    on_cuda = args.device.startswith("cuda")
+    args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
+    args.compile_modes = [False, True] if (on_cuda if args.compile is None else args.compile) else [False]
+    return args
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    if not (args.forms or args.data or args.profile):
+        training_table(args, device)
+    if args.forms:
+        forms_table(args, device)
+    if args.data:
+        data_table(args, device)
+    if args.profile:
+        profile_table(args, device)
+
+
+if __name__ == "__main__":
+    main()
