@@ -1,0 +1,192 @@
+"""Small helpers shared by training.py and bench.py: user-facing errors, atomic files,
+distributed setup, the learning-rate schedule, a weight EMA, a progress bar and the curves plot."""
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a path, a file). Printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write_fn):
+    """Write a file through write_fn(file_object) into a temporary file beside `path`, then
+    rename it over `path`, so a crash or Ctrl-C never leaves a half-written file behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by save_checkpoint onto the CPU. Raises UserError when the file
+    is missing or is not a readable checkpoint (truncated, corrupt, or some other file)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
+                        f"checkpoint of this project ({type(error).__name__}: {str(error)[:200]})")
+    required = ("model", "config", "epoch")
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
+        raise UserError(f"{path} is not a vision-lstm checkpoint (it lacks one of {required})")
+    return checkpoint
+
+
+def ensure_writable_dir(path):
+    """Create `path` if needed and check that files can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to the run folder {path} ({error.strerror}); "
+                        f"choose another with --out-dir")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed(device_name):
+    """Start the process group when launched by torchrun (RANK/WORLD_SIZE set).
+    Returns (rank, world_size, device). One process: (0, 1, device_name)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device(device_name)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over all processes (identity for one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def learning_rate(step, total_steps, warmup_steps, base_lr):
+    """Linear warm-up from 0 to base_lr over warmup_steps, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class WeightEMA:
+    """Exponential moving average of a model's parameters and buffers, kept in float32.
+    Evaluating the averaged weights usually gains a little accuracy at the end of a run."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {name: value.detach().clone().float() for name, value in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        state = model.state_dict()
+        floats = [name for name, value in self.shadow.items() if value.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[name] for name in floats],
+                             [state[name].float() for name in floats], 1.0 - self.decay)
+
+    def state_dict(self):
+        return self.shadow
+
+    def load_state_dict(self, shadow):
+        for name, value in shadow.items():
+            self.shadow[name].copy_(value)
+
+    def copy_to(self, model):
+        model.load_state_dict({name: value.to(model.state_dict()[name].dtype)
+                               for name, value in self.shadow.items()})
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def format_seconds(seconds):
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class ProgressBar:
+    """One self-rewriting line per epoch on a terminal; silent otherwise (the caller prints
+    a summary line per epoch either way)."""
+
+    def __init__(self, total, prefix, enabled):
+        self.total, self.prefix = total, prefix
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, done, loss, accuracy, images_per_second):
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / max(done, 1) * (self.total - done)
+        width = 24
+        filled = int(width * done / max(self.total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r{self.prefix} [{bar}] {done}/{self.total} loss {loss:.4f} "
+                         f"acc {100 * accuracy:.2f}% {images_per_second:.0f} img/s "
+                         f"left {format_seconds(left)}  ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+            sys.stderr.flush()
+
+
+def plot_curves(history, path):
+    """Draw loss and accuracy per epoch from metrics.jsonl records into a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [record["epoch"] for record in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val", "test"):
+        if all(f"{split}_loss" in record for record in history):
+            loss_axis.plot(epochs, [record[f"{split}_loss"] for record in history], marker="o", label=split)
+            accuracy_axis.plot(epochs, [100 * record[f"{split}_acc"] for record in history], marker="o", label=split)
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
+    plt.close(figure)
