@@ -254,10 +254,11 @@ class MLSTMCell(nn.Module):
         # gate pre-activations in float32 even under autocast: they are summed in log space.
         # W [q, k, v] is computed as Wq q + Wk k + Wv v, which saves concatenating q, k and v.
         with torch.autocast(device_type=q.device.type, enabled=False):
-            weight = torch.cat([self.igate.weight, self.fgate.weight]).float()  # (2 NH, 3 inner)
-            bias = torch.cat([self.igate.bias, self.fgate.bias]).float()
+            dtype = _gate_dtype(q)
+            weight = torch.cat([self.igate.weight, self.fgate.weight]).to(dtype)  # (2 NH, 3 inner)
+            bias = torch.cat([self.igate.bias, self.fgate.bias]).to(dtype)
             weight_q, weight_k, weight_v = weight.split(inner, dim=1)
-            gates = F.linear(q.float(), weight_q) + F.linear(k.float(), weight_k) + F.linear(v.float(), weight_v, bias)
+            gates = F.linear(q.to(dtype), weight_q) + F.linear(k.to(dtype), weight_k) + F.linear(v.to(dtype), weight_v, bias)
             gates = gates.transpose(1, 2)  # (B, 2 NH, S)
         igate, fgate = gates.chunk(2, dim=1)  # (B, NH, S) each
         q, k, v = (x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, NH, S, DH)

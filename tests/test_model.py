@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mlstm import ViLBlock
+from test_mlstm import naive_mlstm
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
 
 SMALL = dict(dim=32, depth=2)  # a fast model for the shape and gradient tests
@@ -182,3 +183,48 @@ def test_model_compiles_without_graph_breaks():
     model = create_model("vil-seed", **SMALL)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def reference_layer(layer, x):
+    """DESIGN.md section 3 written out plainly (dense block-diagonal matrices, concatenated gate
+    input, explicit per-head normalisation), using the layer's own parameters."""
+    batch, seq_len, _ = x.shape
+    if layer.reverse:
+        x = x.flip(1)
+    x_mlstm, z = torch.nn.functional.linear(x, layer.proj_up.weight, layer.proj_up.bias).chunk(2, dim=-1)
+    inner = x_mlstm.shape[-1]
+    channels_first = x_mlstm.transpose(1, 2)  # (B, inner, S)
+    if layer.conv_kind == "2d":
+        conv = torch.nn.functional.conv2d(channels_first.reshape(batch, inner, *layer.patch_grid), layer.conv.weight,
+                                          layer.conv.bias, padding=1, groups=inner).flatten(2)
+    else:
+        conv = torch.nn.functional.conv1d(torch.nn.functional.pad(channels_first, (3, 0)), layer.conv.weight,
+                                          layer.conv.bias, groups=inner)
+    x_conv = torch.nn.functional.silu(conv.transpose(1, 2))
+
+    def block_diagonal(proj, inputs):
+        return inputs @ torch.block_diag(*proj.weight).T + proj.bias
+
+    q, k, v = block_diagonal(layer.q_proj, x_conv), block_diagonal(layer.k_proj, x_conv), block_diagonal(layer.v_proj, x_mlstm)
+    cell = layer.cell
+    gate_input = torch.cat([q, k, v], dim=-1)
+    igate = cell.igate(gate_input).transpose(1, 2)  # (B, NH, S)
+    fgate = cell.fgate(gate_input).transpose(1, 2)
+    heads = [t.view(batch, seq_len, cell.num_heads, -1).transpose(1, 2) for t in (q, k, v)]
+    h = naive_mlstm(*heads, igate, fgate)  # (B, NH, S, DH)
+    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    h = h.transpose(1, 2).reshape(batch, seq_len, inner) * cell.norm_weight + cell.norm_bias
+    h = (h + layer.skip * x_conv) * torch.nn.functional.silu(z)
+    out = torch.nn.functional.linear(h, layer.proj_down.weight, layer.proj_down.bias)
+    return out.flip(1) if layer.reverse else out
+
+
+@pytest.mark.parametrize("conv_kind", ["2d", "causal1d"])
+@pytest.mark.parametrize("direction", ViLBlock.DIRECTIONS)
+def test_layer_matches_the_design_written_out(conv_kind, direction):
+    torch.manual_seed(2)
+    block = ViLBlock(24, direction, (3, 4), conv_kind=conv_kind).double()
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(2, 12, 24, dtype=torch.float64)
+    torch.testing.assert_close(block.layer(x), reference_layer(block.layer, x), rtol=1e-10, atol=1e-12)
