@@ -270,8 +270,9 @@ class MLSTMCell(nn.Module):
             h = recurrent_mlstm(q, k, v, igate, fgate)
         # per-head LayerNorm (a GroupNorm with NH groups), then the learnable scale and shift
         h = F.layer_norm(h, h.shape[-1:]).transpose(1, 2).reshape(batch, seq_len, inner)  # (B, S, inner)
-        h = h * self.norm_weight
-        return h if self.norm_bias is None else h + self.norm_bias
+        if self.norm_bias is None:
+            return h * self.norm_weight
+        return torch.addcmul(self.norm_bias, h, self.norm_weight)
 
 
 class ViLLayer(nn.Module):
@@ -327,8 +328,10 @@ class ViLLayer(nn.Module):
         if self.conv_kind == "2d":
             # the reversed sequence of a row-major grid is the row-major grid rotated by 180
             # degrees, so the same reshape serves both directions
-            grid = x.transpose(1, 2).reshape(batch, inner, *self.patch_grid)  # (B, inner, rows, cols)
-            return self.conv(grid).flatten(2).transpose(1, 2)  # (B, S, inner)
+            # (B, inner, rows, cols) with the channels innermost in memory (channels_last), so that
+            # neither the input nor the output needs a transposing copy
+            grid = x.reshape(batch, *self.patch_grid, inner).permute(0, 3, 1, 2)
+            return self.conv(grid).permute(0, 2, 3, 1).reshape(batch, seq_len, inner)
         out = self.conv(x.transpose(1, 2))[..., :seq_len]  # (B, inner, S): keep the causal outputs
         return out.transpose(1, 2)
 
@@ -338,7 +341,7 @@ class ViLLayer(nn.Module):
         x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)  # (B, S, inner) each
         x_conv = F.silu(self._conv(x_mlstm))
         h = self.cell(self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm))
-        h = (h + self.skip * x_conv) * F.silu(z)
+        h = torch.addcmul(h, self.skip, x_conv) * F.silu(z)
         out = self.proj_down(h)
         return out.flip(1) if self.reverse else out
 
