@@ -31,6 +31,17 @@ def test_forward_backward_finite_on_training_shapes(shape, options):
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
 
+@pytest.mark.parametrize("form", ["parallel", "chunkwise"])
+def test_bf16_autocast_forward_backward_finite(form):
+    model = create_model("vil-seed", mlstm_form=form, chunk_size=10, **SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.dtype == torch.bfloat16
+    logits.float().square().sum().backward()
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param.grad).all(), name
+
+
 def test_gradients_reach_the_blocks():
     # the head starts at std 2e-5; the blocks must still receive a (small) gradient
     model = create_model("vil-seed", **SMALL)
@@ -43,10 +54,10 @@ def test_gradients_reach_the_blocks():
 @pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
 def test_model_forms_agree(form):
     torch.manual_seed(0)
-    reference = create_model("vil-seed", **SMALL).double()
-    other = create_model("vil-seed", mlstm_form=form, chunk_size=5, **SMALL).double()
+    reference = create_model("vil-seed", img_size=(16, 20), **SMALL).double()  # 20 tokens
+    other = create_model("vil-seed", img_size=(16, 20), mlstm_form=form, chunk_size=6, **SMALL).double()
     other.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(2, 3, 16, 20, dtype=torch.float64)
     torch.testing.assert_close(other(x), reference(x), rtol=1e-9, atol=1e-15)
 
 
