@@ -252,14 +252,13 @@ class MLSTMCell(nn.Module):
     def forward(self, q, k, v):
         batch, seq_len, inner = q.shape
         # gate pre-activations in float32 even under autocast: they are summed in log space.
-        # W [q, k, v] is computed as Wq q + Wk k + Wv v, which saves concatenating q, k and v.
+        # Both gates come from one matmul.
         with torch.autocast(device_type=q.device.type, enabled=False):
             dtype = _gate_dtype(q)
+            gate_input = torch.cat([q, k, v], dim=-1).to(dtype)  # (B, S, 3 inner)
             weight = torch.cat([self.igate.weight, self.fgate.weight]).to(dtype)  # (2 NH, 3 inner)
             bias = torch.cat([self.igate.bias, self.fgate.bias]).to(dtype)
-            weight_q, weight_k, weight_v = weight.split(inner, dim=1)
-            gates = F.linear(q.to(dtype), weight_q) + F.linear(k.to(dtype), weight_k) + F.linear(v.to(dtype), weight_v, bias)
-            gates = gates.transpose(1, 2)  # (B, 2 NH, S)
+            gates = F.linear(gate_input, weight, bias).transpose(1, 2)  # (B, 2 NH, S)
         igate, fgate = gates.chunk(2, dim=1)  # (B, NH, S) each
         q, k, v = (x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, NH, S, DH)
         if self.form == "parallel":
