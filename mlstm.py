@@ -194,7 +194,9 @@ class BlockDiagonalLinear(nn.Module):
         # 32 x 32 (zeros off the diagonal blocks) costs 8x the multiply-adds, still a small fraction of
         # the up-projection, and runs several times faster.
         num_blocks = width // block_size
-        self.group_blocks = max(d for d in range(1, num_blocks + 1) if num_blocks % d == 0 and d * block_size <= 32)
+        self.group_blocks = max(
+            blocks for blocks in range(1, num_blocks + 1) if num_blocks % blocks == 0 and blocks * block_size <= 32
+        )
         self.register_buffer("group_mask", torch.eye(self.group_blocks)[:, None, :, None], persistent=False)
 
     def grouped_weight(self):

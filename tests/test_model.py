@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mlstm import ViLBlock
 from test_mlstm import naive_mlstm
@@ -202,21 +203,23 @@ def reference_layer(layer, x):
     batch, seq_len, _ = x.shape
     if layer.reverse:
         x = x.flip(1)
-    x_mlstm, z = torch.nn.functional.linear(x, layer.proj_up.weight, layer.proj_up.bias).chunk(2, dim=-1)
+    x_mlstm, z = F.linear(x, layer.proj_up.weight, layer.proj_up.bias).chunk(2, dim=-1)
     inner = x_mlstm.shape[-1]
     channels_first = x_mlstm.transpose(1, 2)  # (B, inner, S)
     if layer.conv_kind == "2d":
-        conv = torch.nn.functional.conv2d(channels_first.reshape(batch, inner, *layer.patch_grid), layer.conv.weight,
+        conv = F.conv2d(channels_first.reshape(batch, inner, *layer.patch_grid), layer.conv.weight,
                                           layer.conv.bias, padding=1, groups=inner).flatten(2)
     else:
-        conv = torch.nn.functional.conv1d(torch.nn.functional.pad(channels_first, (3, 0)), layer.conv.weight,
+        conv = F.conv1d(F.pad(channels_first, (3, 0)), layer.conv.weight,
                                           layer.conv.bias, groups=inner)
-    x_conv = torch.nn.functional.silu(conv.transpose(1, 2))
+    x_conv = F.silu(conv.transpose(1, 2))
 
     def block_diagonal(proj, inputs):
         return inputs @ torch.block_diag(*proj.weight).T + proj.bias
 
-    q, k, v = block_diagonal(layer.q_proj, x_conv), block_diagonal(layer.k_proj, x_conv), block_diagonal(layer.v_proj, x_mlstm)
+    q = block_diagonal(layer.q_proj, x_conv)
+    k = block_diagonal(layer.k_proj, x_conv)
+    v = block_diagonal(layer.v_proj, x_mlstm)
     cell = layer.cell
     gate_input = torch.cat([q, k, v], dim=-1)
     igate = cell.igate(gate_input).transpose(1, 2)  # (B, NH, S)
@@ -225,8 +228,8 @@ def reference_layer(layer, x):
     h = naive_mlstm(*heads, igate, fgate)  # (B, NH, S, DH)
     h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
     h = h.transpose(1, 2).reshape(batch, seq_len, inner) * cell.norm_weight + cell.norm_bias
-    h = (h + layer.skip * x_conv) * torch.nn.functional.silu(z)
-    out = torch.nn.functional.linear(h, layer.proj_down.weight, layer.proj_down.bias)
+    h = (h + layer.skip * x_conv) * F.silu(z)
+    out = F.linear(h, layer.proj_down.weight, layer.proj_down.bias)
     return out.flip(1) if layer.reverse else out
 
 
