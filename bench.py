@@ -15,7 +15,8 @@ window of its own (synchronised on CUDA); the table shows the median and the ran
 Every configuration runs in a fresh process, so its peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated, on CPU the peak resident set size of the process (getrusage
 maxrss, which includes the Python + torch runtime: the header prints that baseline).
---compile wraps the model in torch.compile (the optimizer step stays eager).
+--compile adds rows with the model wrapped in torch.compile (compiled during the warm-up; the
+optimizer step stays eager). AdamW is fused on CUDA, as training.py runs it.
 
 The yardstick is a plain ViT of the preset's width with the same FLOPs: a ViT block costs about
 as much as two ViL blocks (one pair of directions), so its depth is half the preset's block count
@@ -23,7 +24,8 @@ as much as two ViL blocks (one pair of directions), so its depth is half the pre
 patch size, learnable position embedding, no class token and mean pooling over the tokens (ViL
 has no class token either), attention by torch's scaled_dot_product_attention. Its FLOPs are
 counted as the model counts its own: forward multiply-adds of matmuls and convolutions, times 2.
-The "counted" column is torch's FlopCounterMode on one forward pass, as a check of both counts.
+The "counted" column is torch's FlopCounterMode on one forward pass: the FLOPs actually executed,
+a check of both counts (above the model's own count where it multiplies zeros on purpose).
 """
 import argparse
 import multiprocessing
@@ -207,10 +209,10 @@ def measure_training(spec, batch_size, device, dtype, compiled, steps, warmup):
     return result
 
 
-def runtime_baseline(device):
-    """Runs in a fresh process: peak memory of Python + torch with no model (CPU), else 0."""
-    torch.zeros(1, device=device)
-    return peak_memory_bytes(torch.device(device)) if device == "cpu" else 0
+def runtime_baseline():
+    """Runs in a fresh process: peak resident set size of Python + torch with no model."""
+    torch.zeros(1)
+    return peak_memory_bytes(torch.device("cpu"))
 
 
 def in_fresh_process(fn, *args):
@@ -225,10 +227,12 @@ def in_fresh_process(fn, *args):
 def hardware_line(device):
     if device.type == "cuda":
         chip = f"GPU {torch.cuda.get_device_name(device)}"
-    else:
-        with open("/proc/cpuinfo") as cpuinfo:  # platform.processor() is often empty on Linux
+    elif os.path.exists("/proc/cpuinfo"):  # Linux, where platform.processor() says little
+        with open("/proc/cpuinfo") as cpuinfo:
             names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        chip = f"CPU {names[0] if names else platform.processor()}"
+        chip = f"CPU {names[0] if names else platform.machine()}"
+    else:
+        chip = f"CPU {platform.processor() or platform.machine()}"
     return (f"{chip}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
@@ -263,7 +267,7 @@ def training_table(args, device):
     if device.type == "cuda":
         memory_kind = "torch.cuda.max_memory_allocated"
     else:
-        baseline = in_fresh_process(runtime_baseline, device.type)
+        baseline = in_fresh_process(runtime_baseline)
         memory_kind = f"peak process RSS (maxrss), of which Python + torch alone: {megabytes(baseline)}"
     print(f"## Training throughput (forward + backward + AdamW step), {hardware_line(device)}\n")
     print(f"{IMG_SIZE}x{IMG_SIZE} inputs, random data; img/s: median (min-max) of {args.steps} timed steps "
@@ -415,6 +419,8 @@ def parse_args():
     on_cuda = args.device.startswith("cuda")
     args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
     args.compile_modes = [False, True] if (on_cuda if args.compile is None else args.compile) else [False]
+    if True in args.compile_modes and args.warmup < 1:
+        parser.error("--compile needs --warmup of at least 1: the first step compiles")
     return args
 
 
