@@ -18,9 +18,9 @@ maxrss, which includes the Python + torch runtime: the header prints that baseli
 --compile adds rows with the model wrapped in torch.compile (compiled during the warm-up; the
 optimizer step stays eager). AdamW is fused on CUDA, as training.py runs it.
 
-The yardstick is a plain ViT of the preset's width with the same FLOPs: a ViT block costs about
+The yardstick is a plain ViT of the preset's width and about its FLOPs: a ViT block costs about
 as much as two ViL blocks (one pair of directions), so its depth is half the preset's block count
-(vil-t: dim 192, depth 12, 3 heads). Pre-norm, head width 64, MLP ratio 4 (GELU), the preset's
+(vil-t: dim 192, depth 12, 3 heads; the table prints both FLOP counts, so the gap is visible). Pre-norm, head width 64, MLP ratio 4 (GELU), the preset's
 patch size, learnable position embedding, no class token and mean pooling over the tokens (ViL
 has no class token either), attention by torch's scaled_dot_product_attention. Its FLOPs are
 counted as the model counts its own: forward multiply-adds of matmuls and convolutions, times 2.
