@@ -202,9 +202,13 @@ def test_user_errors_exit_non_zero_without_a_traceback(data_dir, tmp_path):
     blocker.write_text("not a folder")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 100)
+    corrupt = tmp_path / "corrupt-data"
+    write_folder_dataset(str(corrupt), train_per_class=2, test_per_class=1)
+    (corrupt / "train" / "dark" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     cases = [
         (TINY + ["--data-dir", data_dir, "--out-dir", str(blocker / "run"), "--epochs", "1"], "--out-dir"),
         (TINY + ["--data-dir", str(tmp_path / "nothing-here"), "--out-dir", str(tmp_path / "r1")], "nothing-here"),
+        (TINY + ["--data-dir", str(corrupt), "--out-dir", str(tmp_path / "r2")], "0.png"),
         (["--eval-only", "--checkpoint", str(tmp_path / "missing.pt")], "missing.pt"),
         (["--eval-only", "--checkpoint", str(garbage)], "garbage.pt"),
         (["--resume", "--out-dir", str(tmp_path / "no-run")], "checkpoint"),
