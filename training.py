@@ -21,6 +21,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -34,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from data import (ALIASES, DATASETS, Augment, DataError, DeviceLoader, channel_mean_std, load_dataset,
                   split_train_val)
 from model import PRESETS, VisionLSTM, ViLConfig, create_model
-from utils import (UserError, WeightEMA, all_reduce_sum, ensure_writable_dir, format_seconds,
-                   learning_rate, load_checkpoint, plot_curves, save_checkpoint, save_json,
-                   setup_distributed, ProgressBar)
+from utils import (ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, ensure_writable_dir,
+                   format_seconds, learning_rate, load_checkpoint, plot_curves, save_checkpoint, save_json,
+                   setup_distributed)
 
 # ---------------------------------------------------------------------------------------------
 # Defaults: edit them here. A flag on the command line wins over these; the recipe of the chosen
@@ -220,6 +221,9 @@ def resolve_device(name):
                         "use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name!r} is not supported: use cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"numbered from 0")
     return name
 
 
@@ -261,13 +265,15 @@ def load_split(config, train):
                             image_size=config["image_size"])
     except DataError as error:
         raise UserError(str(error))
+    except OSError as error:  # e.g. --data-dir names a file, or a folder that cannot be created
+        raise UserError(f"cannot use the data folder {config['data_dir']}: {error}")
 
 
-def model_image_size(images, config):
-    """The model's input size: images smaller than --pad-to (28-px MNIST) are padded to it, as in
-    the seed's 32-px configuration; others keep their size."""
+def model_image_size(images, config, info):
+    """The model's input size: 28-px MNIST-like images are padded to --pad-to (the seed's 32 px);
+    other datasets keep their size."""
     height, width = images.shape[-2:]
-    if config["pad_to"] > max(height, width):
+    if info.pad_to and config["pad_to"] > max(height, width):
         return config["pad_to"], config["pad_to"]
     return height, width
 
@@ -298,46 +304,80 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
     return loss_sum / count, correct / count
 
 
+def resolve_run(config, given, resume):
+    """The run's configuration and, with --resume, its checkpoint: a resumed run keeps its saved
+    configuration except RESUME_OVERRIDABLE. Returns (config, checkpoint or None)."""
+    if not resume:
+        if not config["out_dir"]:
+            config["out_dir"] = os.path.join(
+                "runs", f"{config['dataset']}-{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return config, None
+    if not config.get("out_dir"):
+        raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
+    checkpoint = load_checkpoint(os.path.join(config["out_dir"], "checkpoint.pt"))
+    saved = dict(checkpoint["config"])
+    ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
+                     and saved.get(key) != config[key])
+    if ignored:
+        print(f"note: --resume uses the run's saved configuration; ignoring "
+              f"{', '.join('--' + key.replace('_', '-') for key in ignored)}")
+    for key in RESUME_OVERRIDABLE:
+        if key in given:
+            saved[key] = config[key]
+    if saved["epochs"] < checkpoint["epoch"]:
+        raise UserError(f"the run in {config['out_dir']} has trained {checkpoint['epoch']} epochs "
+                        f"already; --epochs {saved['epochs']} would end before that")
+    saved["out_dir"] = config["out_dir"]
+    return saved, checkpoint
+
+
+def load_data(config, rank, world_size, device):
+    """Both splits of the dataset. Process 0 loads (and downloads) first, the others after it, so
+    that several processes never download into one folder at once."""
+    failed = None
+    if rank == 0:
+        try:
+            splits = load_split(config, train=True), load_split(config, train=False)
+        except UserError as error:
+            failed = error
+    if world_size > 1:
+        flag = torch.tensor([float(failed is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and rank != 0:
+            raise UserError("process 0 could not load the data (its message says why)")
+    if failed is not None:
+        raise failed
+    if rank != 0:
+        splits = load_split(config, train=True), load_split(config, train=False)
+    return splits
+
+
+def step_seed(seed, rank, global_step):
+    """The seed of the global RNG (drop-path) at a training step: a function of the step alone,
+    so that a resumed run draws exactly what an uninterrupted one would, on every process."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + global_step) % 2**63
+
+
 def train(config, given, resume):
+    config, checkpoint = resolve_run(config, given, resume)
+    check_config(config)
     rank, world_size, device = setup_distributed(resolve_device(config["device"]))
     is_main = rank == 0
     dtype = autocast_dtype(config["amp"], device)
     if config["batch_size"] % world_size:
         raise UserError(f"--batch-size {config['batch_size']} must divide evenly over "
                         f"{world_size} processes")
-
-    # the run folder; on --resume its checkpoint decides the configuration
-    checkpoint = None
-    if resume:
-        if not config.get("out_dir"):
-            raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
-        checkpoint = load_checkpoint(os.path.join(config["out_dir"], "checkpoint.pt"))
-        saved = dict(checkpoint["config"])
-        ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
-                         and saved.get(key) != config[key])
-        if ignored and is_main:
-            print(f"note: --resume uses the run's saved configuration; ignoring "
-                  f"{', '.join('--' + key.replace('_', '-') for key in ignored)}")
-        for key in RESUME_OVERRIDABLE:
-            if key in given:
-                saved[key] = config[key]
-        saved["out_dir"] = config["out_dir"]
-        config = saved
-    elif not config["out_dir"]:
-        config["out_dir"] = os.path.join(
-            "runs", f"{config['dataset']}-{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_config(config)
     out_dir = config["out_dir"]
-    if is_main:
-        ensure_writable_dir(out_dir)
-        if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
-            raise UserError(f"{out_dir} already holds a run (checkpoint.pt); continue it with "
-                            f"--resume or choose another --out-dir")
+    ensure_writable_dir(out_dir)  # every process checks, so that all of them stop together
+    if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
+        raise UserError(f"{out_dir} already holds a run (checkpoint.pt); continue it with "
+                        f"--resume or choose another --out-dir")
 
     # data: the whole split lives on the training device
     info = DATASETS[config["dataset"]]
-    train_images, train_labels = load_split(config, train=True)
-    test_images, test_labels = load_split(config, train=False)
+    (train_images, train_labels), (test_images, test_labels) = load_data(config, rank, world_size, device)
+    # a folder dataset's classes are its class folders, counted before --limit-train cuts any away
+    num_classes = info.num_classes or int(torch.cat([train_labels, test_labels]).max()) + 1
     val_images = val_labels = None
     if config["val_size"]:
         if config["val_size"] >= len(train_labels):
@@ -347,24 +387,22 @@ def train(config, given, resume):
             train_images, train_labels, config["val_size"], seed=config["seed"])
     if config["limit_train"]:
         train_images, train_labels = train_images[:config["limit_train"]], train_labels[:config["limit_train"]]
-    local_batch = config["batch_size"] // world_size
     if len(train_labels) < config["batch_size"]:
         raise UserError(f"--batch-size {config['batch_size']} is larger than the "
                         f"{len(train_labels)} training images")
-    num_classes = info.num_classes or int(train_labels.max()) + 1  # 0 for folders: count the classes
     in_chans = train_images.shape[1]
-    height, width = model_image_size(train_images, config)
+    height, width = model_image_size(train_images, config, info)
     pad_to = padding_for(train_images, (height, width))
     if "mean" not in config:  # an image folder is normalised by its own statistics
         config["mean"], config["std"] = (channel_mean_std(train_images) if config["dataset"] == "folder"
                                          else (info.mean, info.std))
-    loader = DeviceLoader(train_images, train_labels, local_batch, num_classes=num_classes,
-                          mean=config["mean"], std=config["std"], train=True,
+    loader = DeviceLoader(train_images, train_labels, config["batch_size"] // world_size,
+                          num_classes=num_classes, mean=config["mean"], std=config["std"], train=True,
                           augment=make_augment(config, info.digits), seed=config["seed"],
                           device=device, rank=rank, world_size=world_size, pad_to=pad_to)
 
-    # model, optimiser, schedule
-    torch.manual_seed(config["seed"] + rank)
+    # model, optimiser, schedule; the same initial weights on every process
+    torch.manual_seed(config["seed"])
     raw_model = build_model(config, num_classes, in_chans, (height, width)).to(device)
     config["model_config"] = dataclasses.asdict(raw_model.config)
     config["num_classes"] = num_classes
@@ -383,9 +421,6 @@ def train(config, given, resume):
         scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"], device)
         start_epoch, start_step, partial = checkpoint["epoch"], checkpoint["step"], checkpoint["partial"]
         del checkpoint
 
@@ -396,12 +431,12 @@ def train(config, given, resume):
         model = torch.compile(model)
     eval_model = copy.deepcopy(raw_model) if ema is not None else raw_model
 
-    def checkpoint_state(epoch, step, partial_sums):
-        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                    epoch=epoch, step=step, partial=partial_sums, config=config,
-                    rng_cpu=torch.get_rng_state(),
-                    rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    def save(name, epoch, step, partial_sums):
+        # the data order and every random draw are functions of (seed, epoch, step): no RNG state
+        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                             epoch=epoch, step=step, partial=partial_sums, config=config),
+                        os.path.join(out_dir, name))
 
     def evaluate_split(images, labels):
         if ema is not None:
@@ -426,8 +461,15 @@ def train(config, given, resume):
             print(f"resuming after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
 
     stop_signal = []
-    previous_handlers = {signum: signal.signal(signum, lambda signum, frame: stop_signal.append(signum))
-                         for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous_handlers = {}
+
+    def on_signal(signum, frame):
+        # the first Ctrl-C or SIGTERM asks for a checkpoint and a clean stop; a second one acts as usual
+        stop_signal.append(signum)
+        signal.signal(signum, previous_handlers[signum])
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous_handlers[signum] = signal.signal(signum, on_signal)
     best_val_acc = max((record.get("val_acc", -1) for record in history), default=-1)
     train_seconds = sum(record["seconds"] for record in history)
     # reading the running sums makes a GPU wait for its queue, so it is done every 20 steps there
@@ -435,16 +477,19 @@ def train(config, given, resume):
     try:
         for epoch in range(start_epoch, config["epochs"]):
             progress = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{config['epochs']}", is_main)
-            # per-epoch running sums live on the device, read only every log_every steps
-            sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * images, correct, images
+            # running sums on the device (loss * images, correct), read only every log_every steps
+            sums = torch.zeros(2, device=device, dtype=torch.float64)
             step_losses = torch.zeros(steps_per_epoch, device=device)
+            seen, seconds_before = 0, 0.0
             if partial is not None:
                 sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64)
                 step_losses[:start_step] = torch.tensor(partial["step_losses"], device=device)
-            seconds_before = partial["seconds"] if partial is not None else 0.0
+                seen, seconds_before = partial["seen"], partial["seconds"]
             epoch_start = time.perf_counter()
             for step, (x, y) in enumerate(loader.epoch(epoch, start_step), start=start_step):
-                lr = learning_rate(epoch * steps_per_epoch + step, total_steps, warmup_steps, config["lr"])
+                global_step = epoch * steps_per_epoch + step
+                torch.manual_seed(step_seed(config["seed"], rank, global_step))
+                lr = learning_rate(global_step, total_steps, warmup_steps, config["lr"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -462,33 +507,32 @@ def train(config, given, resume):
                 labels = y if y.dim() == 1 else y.argmax(dim=-1)
                 step_losses[step] = loss.detach()
                 sums += torch.stack([loss.detach().double() * len(y),
-                                     (logits.argmax(dim=-1) == labels).sum().double(),
-                                     torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+                                     (logits.argmax(dim=-1) == labels).sum().double()])
+                seen += len(y)
                 last = step + 1 == steps_per_epoch
-                if (step + 1) % log_every == 0 or last:
-                    loss_sum, correct, seen = sums.tolist()
-                    if not torch.isfinite(torch.tensor(loss_sum)):
-                        bad = int(torch.nonzero(~torch.isfinite(step_losses[:step + 1]))[0])
-                        raise NonFiniteLoss(f"the training loss became {step_losses[bad].item()} at "
-                                            f"epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch}")
-                    elapsed = seconds_before + time.perf_counter() - epoch_start
-                    progress.update(step + 1, loss_sum / seen, correct / seen,
-                                    seen * world_size / max(elapsed, 1e-9))
-                if world_size > 1 and ((step + 1) % log_every == 0 or last):
-                    stop = torch.tensor([float(bool(stop_signal))], device=device)
-                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-                    if stop.item() and not stop_signal:
-                        stop_signal.append(signal.SIGTERM)
-                    interrupt_now = bool(stop.item())
-                else:
-                    interrupt_now = world_size == 1 and bool(stop_signal)
-                if interrupt_now and not last:
+                # a signal is acted on at the next check, taken by all processes at the same step
+                if not ((step + 1) % log_every == 0 or last or (world_size == 1 and stop_signal)):
+                    continue
+                loss_sum, correct = sums.tolist()
+                flags = torch.tensor([float(bool(stop_signal)), float(not math.isfinite(loss_sum))],
+                                     device=device)
+                if world_size > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop, non_finite = bool(flags[0]), bool(flags[1])
+                if non_finite:  # checked before any save: a NaN run never overwrites a checkpoint
+                    bad = torch.nonzero(~torch.isfinite(step_losses[:step + 1]))
+                    where = f"step {int(bad[0]) + 1} of {steps_per_epoch}" if len(bad) else \
+                        f"a step up to {step + 1} of {steps_per_epoch} (on another process)"
+                    raise NonFiniteLoss(f"the training loss became non-finite (nan or inf) at "
+                                        f"epoch {epoch + 1}, {where}")
+                elapsed = seconds_before + time.perf_counter() - epoch_start
+                progress.update(step + 1, loss_sum / seen, correct / seen, seen * world_size / max(elapsed, 1e-9))
+                if stop and not last:
                     progress.close()
                     if is_main:
-                        elapsed = seconds_before + time.perf_counter() - epoch_start
-                        save_checkpoint(checkpoint_state(epoch, step + 1, dict(
+                        save("checkpoint.pt", epoch, step + 1, dict(
                             sums=sums.tolist(), step_losses=step_losses[:step + 1].tolist(),
-                            seconds=elapsed)), os.path.join(out_dir, "checkpoint.pt"))
+                            seen=seen, seconds=elapsed))
                     raise Interrupted(f"epoch {epoch + 1}, step {step + 1}", out_dir)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -496,7 +540,7 @@ def train(config, given, resume):
             progress.close()
             start_step, partial = 0, None
             train_seconds += seconds
-            loss_sum, correct, seen = all_reduce_sum(sums.tolist(), device)
+            loss_sum, correct, seen = all_reduce_sum(sums.tolist() + [seen], device)
             record = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
                           lr=lr, images_per_second=seen / seconds, seconds=seconds)
             if val_images is not None:
@@ -505,13 +549,13 @@ def train(config, given, resume):
                 record["test_loss"], record["test_acc"] = evaluate_split(test_images, test_labels)
             if is_main:
                 # the checkpoint first: a metrics line never refers to an epoch that is not saved
-                save_checkpoint(checkpoint_state(epoch + 1, 0, None), os.path.join(out_dir, "checkpoint.pt"))
+                save("checkpoint.pt", epoch + 1, 0, None)
                 if val_images is not None and record["val_acc"] > best_val_acc:
                     best_val_acc = record["val_acc"]
-                    save_checkpoint(checkpoint_state(epoch + 1, 0, None), os.path.join(out_dir, "best.pt"))
+                    save("best.pt", epoch + 1, 0, None)
                 history.append(record)
-                with open(metrics_path, "w") as f:
-                    f.writelines(json.dumps(line) + "\n" for line in history)
+                atomic_write(metrics_path, lambda f: f.write(
+                    "".join(json.dumps(line) + "\n" for line in history).encode()))
                 plot_curves(history, os.path.join(out_dir, "curves.png"))
                 print(epoch_summary(record, config["epochs"]), flush=True)
             if stop_signal:
@@ -549,8 +593,9 @@ def evaluate_checkpoint(path, given):
         raise UserError("--eval-only needs --checkpoint PATH (a checkpoint.pt or best.pt of a run)")
     checkpoint = load_checkpoint(path)
     config = dict(checkpoint["config"])
-    if "data_dir" in given:
-        config["data_dir"] = given["data_dir"]
+    for key in ("data_dir", "amp"):
+        if key in given:
+            config[key] = given[key]
     device = torch.device(resolve_device(given.get("device")))
     dtype = autocast_dtype(config["amp"], device)
     try:
@@ -590,6 +635,9 @@ def main(argv=None):
         print(f"error: {error}. Stopped; the last good checkpoint (end of the previous epoch) is "
               f"unchanged. Try a lower --lr, --grad-clip 1 or --amp off.", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started (loading or downloading data)
+        print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     except Interrupted as interruption:
         where, out_dir = interruption.args
         print(f"\ninterrupted at {where}; checkpoint saved. Continue with: "

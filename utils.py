@@ -1,4 +1,4 @@
-"""Small helpers shared by training.py and bench.py: user-facing errors, atomic files,
+"""Small helpers of training.py: user-facing errors, atomic files,
 distributed setup, the learning-rate schedule, a weight EMA, a progress bar and the curves plot."""
 import json
 import math

@@ -242,3 +242,38 @@ def test_layer_matches_the_design_written_out(conv_kind, direction):
         torch.nn.init.normal_(param, std=0.5)
     x = torch.randn(2, 12, 24, dtype=torch.float64)
     torch.testing.assert_close(block.layer(x), reference_layer(block.layer, x), rtol=1e-10, atol=1e-12)
+
+
+def test_initialisation_follows_the_published_models():
+    torch.manual_seed(0)
+    model = create_model("vil-seed", num_classes=10, img_size=32, dim=64, depth=4)
+    dim = 64
+    for block in model.blocks:
+        layer, cell = block.layer, block.layer.cell
+        # forget gates start near 1 (bias 3..6 over the heads), no dependence on the input yet
+        assert torch.all(cell.fgate.weight == 0) and torch.all(cell.igate.weight == 0)
+        torch.testing.assert_close(cell.fgate.bias, torch.linspace(3.0, 6.0, cell.num_heads))
+        assert torch.all(layer.skip == 1)
+        # "small init" std sqrt(2 / (5 D)) for the up-projection; down-projection 2 / sqrt(D)
+        assert abs(layer.proj_up.weight.std().item() - (2 / (5 * dim)) ** 0.5) < 0.1 * (2 / (5 * dim)) ** 0.5
+        assert abs(layer.proj_down.weight.std().item() - 2 / dim ** 0.5) < 0.1 * 2 / dim ** 0.5
+        assert torch.all(layer.proj_up.bias == 0) and torch.all(layer.proj_down.bias == 0)
+    assert abs(model.head.weight.std().item() - 2e-5) < 0.2 * 2e-5 and torch.all(model.head.bias == 0)
+    assert 0.015 < model.pos_embed.std().item() < 0.025
+    assert model.norm.eps == 1e-6
+
+
+@pytest.mark.parametrize("pooling", ["bilateral_concat", "bilateral_avg"])
+def test_pooling_reads_the_first_and_last_token(pooling):
+    torch.manual_seed(0)
+    model = create_model("vil-seed", num_classes=3, img_size=16, dim=32, depth=2, pooling=pooling).eval()
+    tokens = {}
+    model.norm.register_forward_hook(lambda module, inputs, output: tokens.update(x=output))
+    x = torch.randn(2, 3, 16, 16)
+    logits = model(x)
+    normed = tokens["x"]  # (B, S, D) after the final norm
+    if pooling == "bilateral_concat":
+        pooled = torch.cat([normed[:, 0], normed[:, -1]], dim=-1)
+    else:
+        pooled = (normed[:, 0] + normed[:, -1]) / 2
+    torch.testing.assert_close(logits, model.head(pooled))

@@ -82,30 +82,51 @@ def test_run_folder_holds_config_metrics_checkpoint_final_and_curves(data_dir, t
     assert final["test_acc"] > 0.9  # two brightness classes are easy to tell apart
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    for key in ("model", "optimizer", "epoch", "config", "rng_cpu"):
+    for key in ("model", "optimizer", "epoch", "step", "config"):
         assert key in checkpoint
     assert checkpoint["epoch"] == 3
     assert (out / "best.pt").exists()
     assert f"{100 * final['test_acc']:.2f}%" in captured.out and str(out) in captured.out
 
 
-def test_resume_after_epoch_k_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+def full_state(path):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    optimizer = {f"{index}.{key}": value for index, state in checkpoint["optimizer"]["state"].items()
+                 for key, value in state.items()}
+    return {**checkpoint["model"], **{f"ema.{k}": v for k, v in checkpoint["ema"].items()},
+            **{f"optimizer.{k}": v for k, v in optimizer.items()}}
+
+
+@pytest.mark.parametrize("stop_at", ["end of epoch 1", "epoch 2, step 3"])
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(data_dir, tmp_path, monkeypatch, stop_at):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = TINY + ["--data-dir", data_dir, "--drop-path", "0.1", "--ema", "0.9", "--epochs", "3"]
+    common = TINY + ["--data-dir", data_dir, "--drop-path", "0.2", "--ema", "0.9", "--epochs", "3",
+                     "--mixup", "0.5", "--erasing", "0.5"]
     assert run_main(common + ["--out-dir", str(straight)])[0] == 0
-    # Ctrl-C while epoch 1 is being written: the run stops after epoch 1 with its checkpoint
-    real_plot = training.plot_curves
+    # Ctrl-C arrives while epoch 1 is written, or during step 3 of epoch 2 (6 steps per epoch)
+    real_plot, real_cross_entropy, calls = training.plot_curves, training.F.cross_entropy, []
 
     def plot_then_interrupt(history, path):
         real_plot(history, path)
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(training, "plot_curves", plot_then_interrupt)
+    def loss_then_interrupt(logits, target, **kwargs):
+        if kwargs.get("reduction", "mean") == "mean":
+            calls.append(1)
+            if len(calls) == 6 + 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_cross_entropy(logits, target, **kwargs)
+
+    if stop_at == "end of epoch 1":
+        monkeypatch.setattr(training, "plot_curves", plot_then_interrupt)
+    else:
+        monkeypatch.setattr(training.F, "cross_entropy", loss_then_interrupt)
     assert run_main(common + ["--out-dir", str(split)])[0] == 130
-    assert torch.load(split / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(training, "plot_curves", real_plot)
+    saved = torch.load(split / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == ((1, 0) if stop_at == "end of epoch 1" else (1, 3))
+    monkeypatch.undo()
     assert run_main(["--resume", "--out-dir", str(split)])[0] == 0
-    assert_same_weights(weights(straight / "checkpoint.pt"), weights(split / "checkpoint.pt"))
+    assert_same_weights(full_state(straight / "checkpoint.pt"), full_state(split / "checkpoint.pt"))
     lines = (split / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert json.loads((split / "final.json").read_text())["test_acc"] == \
@@ -220,7 +241,7 @@ def test_user_errors_exit_non_zero_without_a_traceback(data_dir, tmp_path):
 
 
 def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data_dir, tmp_path):
-    common = TINY + ["--data-dir", data_dir, "--epochs", "2", "--crop-padding", "0"]
+    common = TINY + ["--data-dir", data_dir, "--epochs", "2", "--crop-padding", "0", "--ema", "0.9"]
     single = run_script(common + ["--out-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -229,10 +250,21 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data
                              "--out-dir", str(tmp_path / "two")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
-    one, two = weights(tmp_path / "one" / "checkpoint.pt"), weights(tmp_path / "two" / "checkpoint.pt")
+    # the EMA too: every process starts from the same initial weights
+    one, two = full_state(tmp_path / "one" / "checkpoint.pt"), full_state(tmp_path / "two" / "checkpoint.pt")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     final_one = json.loads((tmp_path / "one" / "final.json").read_text())
     final_two = json.loads((tmp_path / "two" / "final.json").read_text())
     assert final_two["world_size"] == 2
     assert final_two["test_acc"] == pytest.approx(final_one["test_acc"], abs=1 / 32)
+
+
+def test_limit_train_on_a_folder_keeps_every_class(data_dir, tmp_path, capsys):
+    # folder images come sorted by class, so the first 32 are all of class 0
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1",
+                                      "--limit-train", "32"], capsys)
+    assert code == 0, captured.err
+    assert json.loads((out / "config.json").read_text())["num_classes"] == 2
+    assert json.loads((out / "config.json").read_text())["model_config"]["img_size"] == [16, 16]
