@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils import atomic_write
+
 
 class DataError(Exception):
     """A data problem the user can fix (missing, corrupt or wrong files, a bad folder)."""
@@ -208,16 +210,9 @@ def _md5(path):
 
 
 def _atomic_write(path, data):
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write bytes to path through a temporary file and a rename, creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _verify(root, relpaths):

@@ -73,7 +73,7 @@ DEFAULTS = dict(
     flip=True,                  # random horizontal flip (never for digits)
     policy="none",              # none | randaugment (policy_ops ops) | trivialaugment (one op)
     policy_ops=2,               # operations per image for randaugment
-    policy_magnitude=9.0,       # their strength on the 0..30 scale
+    policy_magnitude=9.0,       # their strength on the 0..30 scale (trivialaugment: the largest)
     erasing=0.0,                # probability of random erasing
     mixup=0.0,                  # mixup Beta(a, a) parameter (0: off)
     cutmix=0.0,                 # cutmix Beta(a, a) parameter (0: off)
@@ -152,7 +152,9 @@ def build_parser(suppress_defaults=False):
     group.add_argument("--policy", choices=["none", "randaugment", "trivialaugment"],
                        help="automatic augmentation policy")
     group.add_argument("--policy-ops", type=int, help="RandAugment operations per image")
-    group.add_argument("--policy-magnitude", type=float, help="policy strength on the 0..30 scale")
+    group.add_argument("--policy-magnitude", type=float,
+                       help="policy strength on the 0..30 scale (trivialaugment draws up to it: "
+                            "30 is TrivialAugment's full range)")
     group.add_argument("--erasing", type=float, help="random erasing probability")
     group.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
     group.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
