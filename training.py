@@ -602,7 +602,7 @@ def evaluate_checkpoint(path, given):
     dtype = autocast_dtype(config["amp"], device)
     try:
         model = VisionLSTM(ViLConfig(**config["model_config"]))
-        weights = checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+        weights = checkpoint["ema"]["shadow"] if checkpoint.get("ema") is not None else checkpoint["model"]
         model.load_state_dict({name: value.to(model.state_dict()[name].dtype) for name, value in weights.items()})
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} does not match this version's model ({type(error).__name__}: "

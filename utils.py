@@ -108,24 +108,30 @@ def learning_rate(step, total_steps, warmup_steps, base_lr):
 
 class WeightEMA:
     """Exponential moving average of a model's parameters and buffers, kept in float32.
-    Evaluating the averaged weights usually gains a little accuracy at the end of a run."""
+    Evaluating the averaged weights usually gains a little accuracy at the end of a run. The decay
+    warms up as min(decay, (1 + updates) / (10 + updates)), so that a short run does not average
+    in its random initialisation."""
 
     def __init__(self, model, decay):
         self.decay = decay
+        self.updates = 0
         self.shadow = {name: value.detach().clone().float() for name, value in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         state = model.state_dict()
         floats = [name for name, value in self.shadow.items() if value.is_floating_point()]
         torch._foreach_lerp_([self.shadow[name] for name in floats],
-                             [state[name].float() for name in floats], 1.0 - self.decay)
+                             [state[name].float() for name in floats], 1.0 - decay)
 
     def state_dict(self):
-        return self.shadow
+        return {"shadow": self.shadow, "updates": self.updates}
 
-    def load_state_dict(self, shadow):
-        for name, value in shadow.items():
+    def load_state_dict(self, state):
+        self.updates = state["updates"]
+        for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)
 
     def copy_to(self, model):

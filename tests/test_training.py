@@ -93,7 +93,7 @@ def full_state(path):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     optimizer = {f"{index}.{key}": value for index, state in checkpoint["optimizer"]["state"].items()
                  for key, value in state.items()}
-    return {**checkpoint["model"], **{f"ema.{k}": v for k, v in checkpoint["ema"].items()},
+    return {**checkpoint["model"], **{f"ema.{k}": v for k, v in checkpoint["ema"]["shadow"].items()},
             **{f"optimizer.{k}": v for k, v in optimizer.items()}}
 
 
