@@ -634,8 +634,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
-        print(f"error: {error}. Stopped; the last good checkpoint (end of the previous epoch) is "
-              f"unchanged. Try a lower --lr, --grad-clip 1 or --amp off.", file=sys.stderr)
+        print(f"error: {error}. Stopped; the checkpoint written before it, if any, is unchanged. "
+              f"Try a lower --lr, --grad-clip 1 or --amp off.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before training started (loading or downloading data)
         print("\ninterrupted before training started; nothing was saved", file=sys.stderr)

@@ -12,7 +12,6 @@ import stat
 import sys
 import tarfile
 import threading
-from dataclasses import replace
 
 import numpy as np
 import pytest
