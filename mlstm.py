@@ -164,6 +164,7 @@ def recurrent_mlstm(q, k, v, igate, fgate, eps=1e-6):
 
 MLSTM_FORMS = ("parallel", "chunkwise", "recurrent")
 CONV_KINDS = ("2d", "causal1d")
+QKV_GROUP_WIDTH = 16  # channels per group of the grouped q/k/v matmuls (see ViLLayer)
 
 
 def small_init_(weight, dim):
@@ -180,7 +181,8 @@ class BlockDiagonalLinear(nn.Module):
     """A linear map width -> width whose matrix is block-diagonal with block_size x block_size
     blocks (the q/k/v maps of the mLSTM layer): width * block_size weights instead of width^2.
 
-    forward(x: (..., width)) -> (..., width).
+    forward(x: (..., width)) -> (..., width). ViLLayer does not call it: it runs the q/k/v maps and
+    the gates together from grouped_weight (see ViLLayer._qkv_and_gates).
     """
 
     def __init__(self, width, block_size, bias=True):
@@ -190,33 +192,26 @@ class BlockDiagonalLinear(nn.Module):
         self.block_size = block_size
         self.weight = nn.Parameter(torch.empty(width // block_size, block_size, block_size))  # (blocks, out, in)
         self.bias = nn.Parameter(torch.zeros(width)) if bias else None
-        # Batched matmuls with 4 x 4 matrices run far below peak; grouping blocks into groups of about
-        # 32 x 32 (zeros off the diagonal blocks) costs 8x the multiply-adds, still a small fraction of
-        # the up-projection, and runs several times faster.
-        num_blocks = width // block_size
-        self.group_blocks = max(
-            blocks for blocks in range(1, num_blocks + 1) if num_blocks % blocks == 0 and blocks * block_size <= 32
-        )
-        self.register_buffer("group_mask", torch.eye(self.group_blocks)[:, None, :, None], persistent=False)
 
-    def grouped_weight(self):
-        """(groups, group_width, group_width): the block-diagonal matrix cut into diagonal groups."""
+    def grouped_weight(self, group_width):
+        """(groups, group_width, group_width) as (out, in): the matrix cut into diagonal groups of
+        group_width channels, zeros between the blocks of a group.
+
+        Batched matmuls with 4 x 4 matrices run far below peak; groups of 16 to 32 channels multiply
+        some zeros (group_width / block_size times the multiply-adds) and still run faster.
+        """
         num_blocks, size, _ = self.weight.shape
-        per_group = self.group_blocks
+        per_group = group_width // size
         weight = self.weight.view(num_blocks // per_group, per_group, size, 1, size)  # (groups, block, out, 1, in)
         # (groups, block, out, block, in), zero unless the two block indices agree
-        grouped = weight * self.group_mask.to(weight.dtype)
-        return grouped.reshape(num_blocks // per_group, per_group * size, per_group * size)
+        mask = torch.eye(per_group, dtype=weight.dtype, device=weight.device)[:, None, :, None]
+        return (weight * mask).reshape(num_blocks // per_group, group_width, group_width)
 
     def forward(self, x):
-        weight = self.grouped_weight()
-        groups, group_width, _ = weight.shape
-        grouped = x.reshape(-1, groups, group_width).transpose(0, 1)  # (groups, tokens, group_width)
-        if self.bias is None:
-            out = torch.bmm(grouped, weight.transpose(1, 2))
-        else:
-            out = torch.baddbmm(self.bias.view(groups, 1, group_width), grouped, weight.transpose(1, 2))
-        return out.transpose(0, 1).reshape(x.shape)  # (groups, tokens, group_width) -> (..., width)
+        weight = self.grouped_weight(self.block_size)  # (blocks, out, in)
+        blocks = x.reshape(-1, weight.shape[0], self.block_size).transpose(0, 1)  # (blocks, tokens, size)
+        out = torch.bmm(blocks, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+        return out if self.bias is None else out + self.bias
 
 
 class MLSTMCell(nn.Module):
@@ -251,18 +246,28 @@ class MLSTMCell(nn.Module):
         if self.norm_bias is not None:
             nn.init.zeros_(self.norm_bias)
 
+    def gate_weights(self):
+        """(2 NH, 3 inner) weight and (2 NH,) bias: the input gate map stacked on the forget gate map."""
+        return torch.cat([self.igate.weight, self.fgate.weight]), torch.cat([self.igate.bias, self.fgate.bias])
+
     def forward(self, q, k, v):
-        batch, seq_len, inner = q.shape
-        # gate pre-activations in float32 even under autocast: they are summed in log space.
-        # Both gates come from one matmul.
+        """q, k, v: (B, S, inner) -> (B, S, inner), the gates computed from the concatenation [q, k, v]."""
+        batch, seq_len, _ = q.shape
+        # gate pre-activations in float32 even under autocast: they are summed in log space
         with torch.autocast(device_type=q.device.type, enabled=False):
             dtype = _gate_dtype(q)
-            gate_input = torch.cat([q, k, v], dim=-1).to(dtype)  # (B, S, 3 inner)
-            weight = torch.cat([self.igate.weight, self.fgate.weight]).to(dtype)  # (2 NH, 3 inner)
-            bias = torch.cat([self.igate.bias, self.fgate.bias]).to(dtype)
-            gates = F.linear(gate_input, weight, bias).transpose(1, 2)  # (B, 2 NH, S)
-        igate, fgate = gates.chunk(2, dim=1)  # (B, NH, S) each
+            weight, bias = self.gate_weights()
+            gates = F.linear(torch.cat([q, k, v], dim=-1).to(dtype), weight.to(dtype), bias.to(dtype))  # (B, S, 2 NH)
+        igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
         q, k, v = (x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, NH, S, DH)
+        return self.mix(q, k, v, igate, fgate)
+
+    def mix(self, q, k, v, igate, fgate):
+        """The recurrence and the per-head norm, given the gates.
+
+        q, k, v: (B, NH, S, DH); igate, fgate: (B, NH, S) pre-activations. Returns (B, S, inner).
+        """
+        batch, heads, seq_len, head_dim = q.shape
         if self.form == "parallel":
             h = parallel_mlstm(q, k, v, igate, fgate)
         elif self.form == "chunkwise":
@@ -270,7 +275,7 @@ class MLSTMCell(nn.Module):
         else:
             h = recurrent_mlstm(q, k, v, igate, fgate)
         # per-head LayerNorm (a GroupNorm with NH groups), then the learnable scale and shift
-        h = F.layer_norm(h, h.shape[-1:]).transpose(1, 2).reshape(batch, seq_len, inner)  # (B, S, inner)
+        h = F.layer_norm(h, (head_dim,)).transpose(1, 2).reshape(batch, seq_len, heads * head_dim)  # (B, S, inner)
         if self.norm_bias is None:
             return h * self.norm_weight
         return torch.addcmul(self.norm_bias, h, self.norm_weight)
@@ -302,6 +307,13 @@ class ViLLayer(nn.Module):
         else:
             # depthwise causal conv of width 4 along the token sequence (ViL v1); left padding only
             self.conv = nn.Conv1d(inner, inner, kernel_size=4, padding=3, groups=inner)
+        head_dim = inner // num_heads
+        if inner % num_heads or head_dim % qkv_block_size:
+            raise ValueError(f"head width {inner}/{num_heads} must be a multiple of the q/k/v block size {qkv_block_size}")
+        # channels per group of the grouped q/k/v matmuls: a multiple of the block size that divides the
+        # head width (so that each group lies in one head), at most QKV_GROUP_WIDTH
+        self.group_width = max(width for width in range(qkv_block_size, head_dim + 1, qkv_block_size)
+                               if head_dim % width == 0 and (width <= QKV_GROUP_WIDTH or width == qkv_block_size))
         self.q_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.k_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
         self.v_proj = BlockDiagonalLinear(inner, qkv_block_size, bias=proj_bias)
@@ -336,12 +348,60 @@ class ViLLayer(nn.Module):
         out = self.conv(x.transpose(1, 2))[..., :seq_len]  # (B, inner, S): keep the causal outputs
         return out.transpose(1, 2)
 
+    def _qkv_and_gates(self, x_conv, x_mlstm):
+        """q = Wq x_conv, k = Wk x_conv, v = Wv x_mlstm, each (B, NH, S, DH), and the cell's gate
+        pre-activations igate, fgate (B, NH, S), from two batched matmuls over channel groups.
+
+        x_conv, x_mlstm: (B, S, inner). The gates are a linear map G of [q, k, v] (DESIGN.md
+        section 2). Folded through the q/k/v maps, G [q, k, v] = (G_q Wq + G_k Wk) x_conv + G_v Wv x_mlstm
+        + G [bq, bk, bv] + b_gate, so each group's matmul yields its share of the gates beside its
+        q and k (or v) outputs. The same function of the same parameters as self.cell(q, k, v),
+        without the 3 x inner wide concatenation and its matmul with an output only 2 NH wide.
+        """
+        batch, seq_len, inner = x_conv.shape
+        width, heads = self.group_width, self.cell.num_heads
+        groups = inner // width
+        gate_weight, gate_bias = self.cell.gate_weights()  # (2 NH, 3 inner), (2 NH,)
+        # (groups, 2 NH, width) each: the gate weights on the q, k and v channels of each group
+        gate_q, gate_k, gate_v = (part.reshape(2 * heads, groups, width).transpose(0, 1)
+                                  for part in gate_weight.split(inner, dim=1))
+        w_q, w_k, w_v = (proj.grouped_weight(width) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # (groups, out, in) with out = [q, k, gate shares] and [v, gate shares]
+        weight_conv = torch.cat([w_q, w_k, gate_q @ w_q + gate_k @ w_k], dim=1)
+        weight_mlstm = torch.cat([w_v, gate_v @ w_v], dim=1)
+        conv_groups = x_conv.reshape(batch * seq_len, groups, width).transpose(0, 1)  # (groups, B S, width)
+        mlstm_groups = x_mlstm.reshape(batch * seq_len, groups, width).transpose(0, 1)
+        if self.q_proj.bias is None:
+            out_conv = torch.bmm(conv_groups, weight_conv.transpose(1, 2))  # (groups, B S, 2 width + 2 NH)
+            out_mlstm = torch.bmm(mlstm_groups, weight_mlstm.transpose(1, 2))  # (groups, B S, width + 2 NH)
+        else:
+            bias_q, bias_k, bias_v = (proj.bias.view(groups, 1, width) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            no_bias = bias_q.new_zeros(groups, 1, 2 * heads)
+            out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv.transpose(1, 2))
+            out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm.transpose(1, 2))
+            gate_bias = gate_bias + gate_weight @ torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        # split, not sliced: the gradient of a split is one concatenation, that of three slices three
+        # zero-filled copies of the whole output
+        q, k, gates_conv = out_conv.split([width, width, 2 * heads], dim=-1)
+        v, gates_mlstm = out_mlstm.split([width, 2 * heads], dim=-1)
+        # the gate shares summed over the groups in float32 (float64 for float64 inputs), also under autocast
+        dtype = _gate_dtype(x_conv)
+        gates = gates_conv.to(dtype).sum(0) + gates_mlstm.to(dtype).sum(0) + gate_bias.to(dtype)  # (B S, 2 NH)
+        igate, fgate = gates.view(batch, seq_len, 2 * heads).transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
+
+        def split_heads(grouped):  # (groups, B S, width) -> (B, NH, S, DH): one copy
+            per_head = grouped.reshape(heads, groups // heads, batch, seq_len, width)
+            return per_head.permute(2, 0, 3, 1, 4).reshape(batch, heads, seq_len, inner // heads)
+
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+        return q, k, v, igate, fgate
+
     def forward(self, x):
         if self.reverse:
             x = x.flip(1)
         x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)  # (B, S, inner) each
         x_conv = F.silu(self._conv(x_mlstm))
-        h = self.cell(self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm))
+        h = self.cell.mix(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
         h = torch.addcmul(h, self.skip, x_conv) * F.silu(z)
         out = self.proj_down(h)
         return out.flip(1) if self.reverse else out

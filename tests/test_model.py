@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlstm import ViLBlock
+from mlstm import BlockDiagonalLinear, ViLBlock
 from test_mlstm import naive_mlstm
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
 
@@ -163,6 +163,7 @@ def test_model_rebuilds_from_json_config():
     (dict(name="vil-t", chunk_size=0), "chunk_size"),
     (dict(name="vil-t", drop_path=1.5), "drop_path"),
     (dict(name="vil-t", img_size=(0, 32)), "img_size"),
+    (dict(name="vil-t", dim=18), "head width"),  # head width 9, blocks of 4
 ])
 def test_bad_configurations_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -215,7 +216,8 @@ def reference_layer(layer, x):
     x_conv = F.silu(conv.transpose(1, 2))
 
     def block_diagonal(proj, inputs):
-        return inputs @ torch.block_diag(*proj.weight).T + proj.bias
+        out = inputs @ torch.block_diag(*proj.weight).T
+        return out if proj.bias is None else out + proj.bias
 
     q = block_diagonal(layer.q_proj, x_conv)
     k = block_diagonal(layer.k_proj, x_conv)
@@ -235,13 +237,52 @@ def reference_layer(layer, x):
 
 @pytest.mark.parametrize("conv_kind", ["2d", "causal1d"])
 @pytest.mark.parametrize("direction", ViLBlock.DIRECTIONS)
-def test_layer_matches_the_design_written_out(conv_kind, direction):
+@pytest.mark.parametrize("dim, proj_bias", [(24, True), (64, True), (64, False)])
+def test_layer_matches_the_design_written_out(conv_kind, direction, dim, proj_bias):
+    # the layer folds the gate maps through the grouped q/k/v matmuls; the function of the
+    # parameters, and so every gradient, must be the one the design writes out. dim 24: head width 12,
+    # groups of 12 channels; dim 64: head width 32, groups of 16 (two groups per head)
     torch.manual_seed(2)
-    block = ViLBlock(24, direction, (3, 4), conv_kind=conv_kind).double()
-    for param in block.parameters():
+    layer = ViLBlock(dim, direction, (3, 4), conv_kind=conv_kind, proj_bias=proj_bias).double().layer
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(2, 12, dim, dtype=torch.float64, requires_grad=True)
+    out, expected = layer(x), reference_layer(layer, x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    cotangent = torch.randn_like(out)
+    inputs = [x, *layer.parameters()]
+    grads = torch.autograd.grad(out, inputs, cotangent)
+    expected_grads = torch.autograd.grad(expected, inputs, cotangent)
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    # the reference runs the naive loop, the layer the parallel form: their gradients agree to rounding
+    # (about 1e-9 norm-wise here, where weights of std 0.5 give large gates); a wrong fold is off by O(1)
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert (grad - expected_grad).norm() <= 1e-8 * expected_grad.norm(), name
+
+
+def test_cell_forward_takes_its_gates_from_q_k_v():
+    # MLSTMCell.forward(q, k, v) is the cell of DESIGN.md section 2 on its own (the layer calls mix)
+    torch.manual_seed(3)
+    layer = ViLBlock(24, "top_left", (3, 4)).double().layer
+    for param in layer.parameters():
         torch.nn.init.normal_(param, std=0.5)
     x = torch.randn(2, 12, 24, dtype=torch.float64)
-    torch.testing.assert_close(block.layer(x), reference_layer(block.layer, x), rtol=1e-10, atol=1e-12)
+    x_mlstm, z = layer.proj_up(x).chunk(2, dim=-1)
+    x_conv = F.silu(layer._conv(x_mlstm))
+    h = layer.cell(layer.q_proj(x_conv), layer.k_proj(x_conv), layer.v_proj(x_mlstm))
+    out = layer.proj_down((h + layer.skip * x_conv) * F.silu(z))
+    torch.testing.assert_close(out, layer(x), rtol=1e-10, atol=1e-12)
+
+
+def test_block_diagonal_linear_is_the_block_diagonal_matrix():
+    torch.manual_seed(4)
+    proj = BlockDiagonalLinear(24, 4).double()
+    torch.nn.init.normal_(proj.weight)
+    torch.nn.init.normal_(proj.bias)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    torch.testing.assert_close(proj(x), x @ torch.block_diag(*proj.weight).T + proj.bias)
+    for width in (4, 8, 12, 24):  # every group is a diagonal piece of the same matrix
+        assert torch.equal(torch.block_diag(*proj.grouped_weight(width)), torch.block_diag(*proj.weight))
 
 
 def test_initialisation_follows_the_published_models():
