@@ -96,6 +96,69 @@ def _chunk(q, k, v, igate, log_forget, state, eps, need_state):
     return h, (new_c, new_n, new_m)
 
 
+class ParallelMLSTM(torch.autograd.Function):
+    """The parallel form with its gradient written out (what parallel_mlstm runs).
+
+    apply(q, k, v: (..., S, DH), igate, log_forget: (..., S) in the gate dtype, eps) -> h (..., S, DH).
+    Autograd through _chunk keeps about ten S x S intermediates and runs about twenty passes
+    over them; this backward needs the scores C and the decay matrix from the forward and makes
+    four passes, besides the four matmuls. With L = log D, m_t = max_s L[t, s] and
+    C = (q k^T / sqrt(DH)) * exp(L - m), h = (C v) * u / den(dot, m) (see _normalise):
+        dC = (dh * u/den) v^T + d dot,   dv = C^T (dh * u/den),   dq = (dC * D') k,   dk = (dC * D')^T q
+        dL = dC * C, plus dm at the argmax of each row (m enters through exp(L - m) and den)
+    and, as L[t, s] = igate_s + sum_{s<j<=t} log_forget_j, the gate gradients are sums of dL:
+        d igate_s = sum_t dL[t, s],   d log_forget_j = sum_{s<j} (sum_t dL[t, s] - sum_t' dL[s, t'])
+    (the second: the entries with s < j <= t are all entries of the columns s < j minus those in the
+    rows t < j, which lie in the same columns since dL is lower-triangular).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, igate, log_forget, eps):
+        head_dim = q.shape[-1]
+        log_d = _log_decay_matrix(log_forget, igate)  # (..., S, S)
+        m, argmax = log_d.max(-1, keepdim=True)  # (..., S, 1)
+        # 1/sqrt(DH) on the keys is folded into the decay: exp(log D - m - log sqrt(DH))
+        decay = log_d.sub_(m + 0.5 * math.log(head_dim)).exp_()  # (..., S, S), in place of log D
+        c = (q @ k.transpose(-1, -2)) * decay  # (..., S, S) in the gate dtype
+        numerator = c.to(v.dtype) @ v  # (..., S, DH)
+        dot = c.sum(-1, keepdim=True)  # (..., S, 1)
+        ctx.save_for_backward(q, k, v, c, decay, numerator, dot, m, argmax)
+        ctx.eps = eps
+        return _normalise(numerator, dot, m, eps)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        q, k, v, c, decay, numerator, dot, m, argmax = ctx.saved_tensors
+        eps, dtype = ctx.eps, c.dtype
+        grad_h = grad_h.to(dtype)
+        # _normalise: h = numerator * u / den, den = max(|dot| u, lower) + eps u,
+        # u = exp(min(m, 0)), lower = exp(-max(m, 0))
+        u, lower = torch.exp(-torch.relu(-m)), torch.exp(-torch.relu(m))  # (..., S, 1)
+        on_dot = dot.abs() * u >= lower  # which side of the max is taken
+        den = torch.where(on_dot, dot.abs() * u, lower) + eps * u
+        ratio = u / den
+        grad_numerator = grad_h * ratio  # (..., S, DH)
+        grad_ratio = (grad_h * numerator).sum(-1, keepdim=True)  # (..., S, 1)
+        grad_den = -grad_ratio * ratio / den
+        grad_u = grad_ratio / den + grad_den * (torch.where(on_dot, dot.abs(), 0.0) + eps)
+        grad_dot = torch.where(on_dot, grad_den * u * dot.sign(), 0.0)
+        grad_m = grad_u * u * (m < 0) - torch.where(on_dot, 0.0, grad_den) * lower * (m > 0)
+        grad_numerator = grad_numerator.to(v.dtype)
+        grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
+        grad_c = (grad_numerator @ v.transpose(-1, -2)).to(dtype).add_(grad_dot)  # (..., S, S)
+        grad_log_d = grad_c * c  # through exp(L - m); zero above the diagonal
+        grad_scores = grad_c.mul_(decay).to(q.dtype)  # in place of dC
+        grad_q = grad_scores @ k
+        grad_k = grad_scores.transpose(-1, -2) @ q
+        grad_m = grad_m - grad_log_d.sum(-1, keepdim=True)  # the -m in exp(L - m)
+        # sums of dL = grad_log_d + grad_m at each row's argmax, over rows and over columns
+        row_sums = (grad_log_d.sum(-1, keepdim=True) + grad_m).squeeze(-1)  # (..., S)
+        col_sums = grad_log_d.sum(-2).scatter_add_(-1, argmax.squeeze(-1), grad_m.squeeze(-1))  # (..., S)
+        difference = col_sums - row_sums
+        grad_log_forget = difference.cumsum(-1) - difference  # sum over s < j
+        return grad_q, grad_k, grad_v, col_sums, grad_log_forget, None
+
+
 def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     """The quadratic form: all S x S token pairs at once. O(S^2 DH) time, O(S^2) memory per head.
 
@@ -103,8 +166,7 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     """
     gate_dtype = _gate_dtype(q)
     log_forget = F.logsigmoid(fgate.to(gate_dtype))
-    h, _ = _chunk(q, k, v, igate.to(gate_dtype), log_forget, None, eps, need_state=False)
-    return h.to(q.dtype)
+    return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), log_forget, eps).to(q.dtype)
 
 
 def chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=64, eps=1e-6):
@@ -212,6 +274,43 @@ class BlockDiagonalLinear(nn.Module):
         blocks = x.reshape(-1, weight.shape[0], self.block_size).transpose(0, 1)  # (blocks, tokens, size)
         out = torch.bmm(blocks, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
         return out if self.bias is None else out + self.bias
+
+
+class GroupsToHeads(torch.autograd.Function):
+    """Unpacks the output of a grouped matmul over channel groups into per-head tensors.
+
+    apply(grouped: (groups, B S, parts * width + rest), width, parts, heads, batch) returns `parts`
+    tensors (B, NH, S, DH), the column blocks [i * width, (i + 1) * width) of every group in channel
+    order, then the last `rest` columns as (groups, B S, rest). The groups must tile the heads
+    (DH a multiple of width). This is split + permute + reshape; written out because autograd's
+    gradient of a split concatenates the permuted part gradients, one more pass over the whole
+    output, while here each part's gradient is copied straight into its place.
+    """
+
+    @staticmethod
+    def forward(ctx, grouped, width, parts, heads, batch):
+        groups, tokens, _ = grouped.shape
+        ctx.layout = (width, parts, heads, batch, tokens // batch)
+        per_head = groups // heads  # groups per head
+        outputs = []
+        for part in range(parts):
+            # (groups, B S, width) -> (NH, groups per head, B, S, width) -> (B, NH, S, DH), one copy
+            piece = grouped[..., part * width:(part + 1) * width].view(heads, per_head, batch, tokens // batch, width)
+            outputs.append(piece.permute(2, 0, 3, 1, 4).reshape(batch, heads, tokens // batch, per_head * width))
+        outputs.append(grouped[..., parts * width:].contiguous())
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        width, parts, heads, batch, seq_len = ctx.layout
+        rest = grads[-1]  # (groups, B S, rest); unused outputs arrive as zeros
+        groups = rest.shape[0]
+        grad = rest.new_empty(groups, batch * seq_len, parts * width + rest.shape[-1])
+        for part, part_grad in enumerate(grads[:parts]):
+            target = grad[..., part * width:(part + 1) * width].view(heads, groups // heads, batch, seq_len, width)
+            target.copy_(part_grad.view(batch, heads, seq_len, groups // heads, width).permute(1, 3, 0, 2, 4))
+        grad[..., parts * width:].copy_(rest)
+        return grad, None, None, None, None
 
 
 class MLSTMCell(nn.Module):
@@ -380,20 +479,12 @@ class ViLLayer(nn.Module):
             out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv.transpose(1, 2))
             out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm.transpose(1, 2))
             gate_bias = gate_bias + gate_weight @ torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        # split, not sliced: the gradient of a split is one concatenation, that of three slices three
-        # zero-filled copies of the whole output
-        q, k, gates_conv = out_conv.split([width, width, 2 * heads], dim=-1)
-        v, gates_mlstm = out_mlstm.split([width, 2 * heads], dim=-1)
+        q, k, gates_conv = GroupsToHeads.apply(out_conv, width, 2, heads, batch)
+        v, gates_mlstm = GroupsToHeads.apply(out_mlstm, width, 1, heads, batch)
         # the gate shares summed over the groups in float32 (float64 for float64 inputs), also under autocast
         dtype = _gate_dtype(x_conv)
         gates = gates_conv.to(dtype).sum(0) + gates_mlstm.to(dtype).sum(0) + gate_bias.to(dtype)  # (B S, 2 NH)
         igate, fgate = gates.view(batch, seq_len, 2 * heads).transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
-
-        def split_heads(grouped):  # (groups, B S, width) -> (B, NH, S, DH): one copy
-            per_head = grouped.reshape(heads, groups // heads, batch, seq_len, width)
-            return per_head.permute(2, 0, 3, 1, 4).reshape(batch, heads, seq_len, inner // heads)
-
-        q, k, v = split_heads(q), split_heads(k), split_heads(v)
         return q, k, v, igate, fgate
 
     def forward(self, x):

@@ -141,6 +141,29 @@ def test_gradcheck_float64(form, gate_scale):
     assert torch.autograd.gradcheck(form, inputs)
 
 
+GRADIENT_REGIMES = {
+    # name: (gate scale, input gate offset, query scale); the last two put the normaliser on its
+    # lower bound exp(-m), with m < 0 and with m > 0, so the gradient through m is exercised
+    "gates-1": (1.0, 0.0, 1.0), "gates-10": (10.0, 0.0, 1.0), "gates-50": (50.0, 0.0, 1.0),
+    "lower-bound-m-negative": (1.0, -20.0, 1.0), "lower-bound-m-positive": (1.0, 5.0, 1e-4),
+}
+
+
+@pytest.mark.parametrize("regime", GRADIENT_REGIMES)
+def test_parallel_gradient_equals_the_naive_loop_gradient(regime):
+    # parallel_mlstm's backward is written out (ParallelMLSTM); the loop's comes from autograd
+    gate_scale, igate_offset, query_scale = GRADIENT_REGIMES[regime]
+    q, k, v, igate, fgate = make_inputs(23, gate_scale, torch.float64, seed=7)
+    inputs = [q * query_scale, k, v, igate + igate_offset, fgate]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    naive_leaves = [x.clone().requires_grad_() for x in inputs]
+    cotangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    (parallel_mlstm(*leaves) * cotangent).sum().backward()
+    (naive_mlstm(*naive_leaves) * cotangent).sum().backward()
+    for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
+        assert (leaf.grad - naive.grad).norm() <= 1e-9 * naive.grad.norm() + 1e-300, name
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an operator returns."""
 
