@@ -279,16 +279,17 @@ class BlockDiagonalLinear(nn.Module):
 class GroupsToHeads(torch.autograd.Function):
     """Unpacks the output of a grouped matmul over channel groups into per-head tensors.
 
-    apply(grouped: (groups, B S, parts * width + rest), width, parts, heads, batch) returns `parts`
-    tensors (B, NH, S, DH), the column blocks [i * width, (i + 1) * width) of every group in channel
-    order, then the last `rest` columns as (groups, B S, rest). The groups must tile the heads
-    (DH a multiple of width). This is split + permute + reshape; written out because autograd's
-    gradient of a split concatenates the permuted part gradients, one more pass over the whole
-    output, while here each part's gradient is copied straight into its place.
+    apply(grouped: (groups, B S, parts * width + rest), width, parts, heads, batch, sum_dtype) returns
+    `parts` tensors (B, NH, S, DH), the column blocks [i * width, (i + 1) * width) of every group in
+    channel order, then the last `rest` columns summed over the groups, (B S, rest) in sum_dtype.
+    The groups must tile the heads (DH a multiple of width). This is split + permute + reshape +
+    sum; written out because autograd's gradient of a split concatenates the permuted part
+    gradients, one more pass over the whole output, while here each part's gradient is copied
+    straight into its place.
     """
 
     @staticmethod
-    def forward(ctx, grouped, width, parts, heads, batch):
+    def forward(ctx, grouped, width, parts, heads, batch, sum_dtype):
         groups, tokens, _ = grouped.shape
         ctx.layout = (width, parts, heads, batch, tokens // batch)
         per_head = groups // heads  # groups per head
@@ -297,20 +298,21 @@ class GroupsToHeads(torch.autograd.Function):
             # (groups, B S, width) -> (NH, groups per head, B, S, width) -> (B, NH, S, DH), one copy
             piece = grouped[..., part * width:(part + 1) * width].view(heads, per_head, batch, tokens // batch, width)
             outputs.append(piece.permute(2, 0, 3, 1, 4).reshape(batch, heads, tokens // batch, per_head * width))
-        outputs.append(grouped[..., parts * width:].contiguous())
+        outputs.append(grouped[..., parts * width:].sum(0, dtype=sum_dtype))
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
         width, parts, heads, batch, seq_len = ctx.layout
-        rest = grads[-1]  # (groups, B S, rest); unused outputs arrive as zeros
-        groups = rest.shape[0]
-        grad = rest.new_empty(groups, batch * seq_len, parts * width + rest.shape[-1])
+        grouped_grad = grads[0]  # (B, NH, S, DH); unused outputs arrive as zeros
+        groups = heads * grouped_grad.shape[-1] // width
+        rest = grads[-1]  # (B S, rest)
+        grad = grouped_grad.new_empty(groups, batch * seq_len, parts * width + rest.shape[-1])
         for part, part_grad in enumerate(grads[:parts]):
             target = grad[..., part * width:(part + 1) * width].view(heads, groups // heads, batch, seq_len, width)
             target.copy_(part_grad.view(batch, heads, seq_len, groups // heads, width).permute(1, 3, 0, 2, 4))
-        grad[..., parts * width:].copy_(rest)
-        return grad, None, None, None, None
+        grad[..., parts * width:].copy_(rest.expand(groups, *rest.shape))
+        return grad, None, None, None, None, None
 
 
 class MLSTMCell(nn.Module):
@@ -479,18 +481,23 @@ class ViLLayer(nn.Module):
             out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv.transpose(1, 2))
             out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm.transpose(1, 2))
             gate_bias = gate_bias + gate_weight @ torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        q, k, gates_conv = GroupsToHeads.apply(out_conv, width, 2, heads, batch)
-        v, gates_mlstm = GroupsToHeads.apply(out_mlstm, width, 1, heads, batch)
         # the gate shares summed over the groups in float32 (float64 for float64 inputs), also under autocast
         dtype = _gate_dtype(x_conv)
-        gates = gates_conv.to(dtype).sum(0) + gates_mlstm.to(dtype).sum(0) + gate_bias.to(dtype)  # (B S, 2 NH)
+        q, k, gates_conv = GroupsToHeads.apply(out_conv, width, 2, heads, batch, dtype)
+        v, gates_mlstm = GroupsToHeads.apply(out_mlstm, width, 1, heads, batch, dtype)
+        gates = gates_conv + gates_mlstm + gate_bias.to(dtype)  # (B S, 2 NH)
         igate, fgate = gates.view(batch, seq_len, 2 * heads).transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
         return q, k, v, igate, fgate
 
     def forward(self, x):
         if self.reverse:
             x = x.flip(1)
-        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)  # (B, S, inner) each
+        # the up-projection as two matmuls, so that x_mlstm and z are contiguous (the conv reads x_mlstm
+        # without a copy, and the gradient needs no concatenation)
+        weight_mlstm, weight_z = self.proj_up.weight.chunk(2)
+        bias_mlstm, bias_z = self.proj_up.bias.chunk(2) if self.proj_up.bias is not None else (None, None)
+        x_mlstm = F.linear(x, weight_mlstm, bias_mlstm)  # (B, S, inner)
+        z = F.linear(x, weight_z, bias_z)
         x_conv = F.silu(self._conv(x_mlstm))
         h = self.cell.mix(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
         h = torch.addcmul(h, self.skip, x_conv) * F.silu(z)
