@@ -5,6 +5,10 @@ First the maths over plain tensors, in three exact forms of the same function:
     chunkwise_mlstm  linear in S (parallel inside chunks, a carried state between them)
     recurrent_mlstm  the step-by-step recurrence, the reference
 then the modules that own parameters: MLSTMCell, ViLLayer, DropPath, ViLBlock.
+Two autograd Functions carry the speed work of the training path, each with its gradient written
+out and tested against autograd on the plain formulation: ParallelMLSTM (the parallel form, four
+passes over the S x S matrices in the backward instead of about twenty) and GroupsToHeads (the
+grouped q/k/v matmul output unpacked into heads in one copy each way).
 
 Shapes: B batch, NH heads, S tokens, DH head width. Every form takes
 q, k, v: (B, NH, S, DH) and the gate pre-activations igate, fgate: (B, NH, S), and returns
