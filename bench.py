@@ -8,6 +8,7 @@ the cost of the three mLSTM forms as the sequence grows, and the speed of the da
     python bench.py --forms                # parallel / chunkwise / recurrent mLSTM, S = 64 .. 4096
     python bench.py --data                 # DeviceLoader images/s, all augmentations, vs vil-seed training
     python bench.py --profile --model vil-t  # top ops of one training step, ViL and its ViT
+    python bench.py --block                # one pair of ViL blocks beside one ViT block, timed in turns
 
 Training throughput is one optimisation step (forward, cross-entropy, backward, AdamW step) on
 random 32x32 images and labels, in images/s. Warm-up steps are excluded; each timed step is a
@@ -17,6 +18,9 @@ torch.cuda.max_memory_allocated, on CPU the peak resident set size of the proces
 maxrss, which includes the Python + torch runtime: the header prints that baseline).
 --compile adds rows with the model wrapped in torch.compile (compiled during the warm-up; the
 optimizer step stays eager). AdamW is fused on CUDA, as training.py runs it.
+--block times one pair of ViL blocks (both directions) beside one ViT block, forward + backward,
+and the pair's up- and down-projections alone, in turns within one process: on a shared machine
+their ratios hold better than those of rows measured one after the other.
 
 The yardstick is a plain ViT of the preset's width and about its FLOPs: a ViT block costs about
 as much as two ViL blocks (one pair of directions), so its depth is half the preset's block count
@@ -253,7 +257,7 @@ def megabytes(num_bytes):
 
 def training_row(spec, dtype, compiled, args, device):
     """Measures one configuration in a fresh process -> (median images/s, table cells without the ratio)."""
-    result = in_fresh_process(measure_training, spec, args.batch_size, device.type, dtype, compiled,
+    result = in_fresh_process(measure_training, spec, args.batch_size, str(device), dtype, compiled,
                               args.steps, args.warmup)
     speeds = result["images_per_s"]
     speed = statistics.median(speeds)
@@ -357,8 +361,8 @@ def measure_loader(device, steps, warmup):
 
 def data_table(args, device):
     dtype, compiled = args.dtypes[-1], args.compile_modes[-1]
-    loader_speeds = in_fresh_process(measure_loader, device.type, args.steps, args.warmup)
-    training = in_fresh_process(measure_training, ("vil", DATA_MODEL), DATA_BATCH_SIZE, device.type, dtype,
+    loader_speeds = in_fresh_process(measure_loader, str(device), args.steps, args.warmup)
+    training = in_fresh_process(measure_training, ("vil", DATA_MODEL), DATA_BATCH_SIZE, str(device), dtype,
                                 compiled, args.steps, args.warmup)
     loader_speed = statistics.median(loader_speeds)
     training_speed = statistics.median(training["images_per_s"])
@@ -372,6 +376,54 @@ def data_table(args, device):
                f"{loader_speed / training_speed:.1f}x"])
     print_row([f"{DATA_MODEL} training", f"{training_speed:.0f} ({min(training['images_per_s']):.0f}-"
                                          f"{max(training['images_per_s']):.0f})", "1.0x"])
+    print()
+
+
+def block_table(args, device):
+    """Forward + backward time of one pair of ViL blocks (both directions), of one ViT block (the
+    pair's counterpart in the training table), and of the pair's up- and down-projections alone.
+    The three are timed in turns within one process, so that a shared machine's drift touches them
+    alike and their ratios hold even when the absolute times wander."""
+    from mlstm import ViLBlock
+    from model import PRESETS, ViLConfig
+    autocast_dtype = AUTOCAST_DTYPES[args.dtypes[0]]
+    print(f"## One block forward + backward, ms, {args.dtypes[0]}, {hardware_line(device)}\n")
+    print(f"batch {args.batch_size} of {IMG_SIZE}x{IMG_SIZE} images as tokens; median (min-max) of {args.steps} "
+          f"turns after {args.warmup} warm-up\n")
+    print_header(["preset", "what", "ms", "vs ViT block"])
+    for preset in args.model:
+        config = ViLConfig(**{**PRESETS[preset], "img_size": IMG_SIZE})
+        dim, grid = config.dim, config.patch_grid
+        torch.manual_seed(0)
+        pair = nn.Sequential(*[ViLBlock(dim, direction, grid, expansion=config.expansion, num_heads=config.num_heads,
+                                        qkv_block_size=config.qkv_block_size) for direction in ViLBlock.DIRECTIONS])
+        vit_block = Block(dim, dim // VIT_HEAD_DIM)
+        pair, vit_block = pair.to(device), vit_block.to(device)
+        x = torch.randn(args.batch_size, grid[0] * grid[1], dim, device=device, requires_grad=True)
+        inner = torch.randn(args.batch_size, grid[0] * grid[1], config.expansion * dim, device=device,
+                            requires_grad=True)
+
+        def projections():  # the matmuls of the pair's up- and down-projections, nothing else
+            return sum(block.layer.proj_up(x).sum() + block.layer.proj_down(inner).sum() for block in pair)
+
+        candidates = {"ViL block pair": lambda: pair(x).sum(), "ViT block": lambda: vit_block(x).sum(),
+                      "ViL pair: projections only": projections}
+        seconds = {name: [] for name in candidates}
+        for turn in range(args.warmup + args.steps):
+            for name, loss_fn in candidates.items():
+                synchronize(device)
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = loss_fn()
+                loss.float().backward()
+                synchronize(device)
+                if turn >= args.warmup:
+                    seconds[name].append(time.perf_counter() - start)
+        vit_ms = 1000 * statistics.median(seconds["ViT block"])
+        for name, times in seconds.items():
+            median = 1000 * statistics.median(times)
+            print_row([preset, name, f"{median:.1f} ({1000 * min(times):.1f}-{1000 * max(times):.1f})",
+                       f"{median / vit_ms:.2f}"])
     print()
 
 
@@ -407,6 +459,8 @@ def parse_args():
     parser.add_argument("--forms", action="store_true", help="time the three mLSTM forms instead")
     parser.add_argument("--data", action="store_true", help="time the data pipeline instead")
     parser.add_argument("--profile", action="store_true", help="profile one training step instead")
+    parser.add_argument("--block", action="store_true",
+                        help="time one pair of ViL blocks beside one ViT block (forward + backward) instead")
     args = parser.parse_args()
     from model import PRESETS
     unknown = [name for name in args.model if name not in PRESETS]
@@ -427,8 +481,10 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device)
-    if not (args.forms or args.data or args.profile):
+    if not (args.forms or args.data or args.profile or args.block):
         training_table(args, device)
+    if args.block:
+        block_table(args, device)
     if args.forms:
         forms_table(args, device)
     if args.data:

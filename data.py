@@ -353,7 +353,7 @@ def _fetch_missing(name, root, layout, missing):
             if all(e.network for e in failures):
                 raise DataError(f"{name}: {files} missing in {folder} and no network to download them "
                                 f"({reasons}). {how}")
-            raise DataError(f"{name}: could not download {download}: {reasons}. Nothing was kept. {how}")
+            raise DataError(f"{name}: could not download {download}: {reasons}. No partial file of it was kept. {how}")
     if layout.archive:
         archive_path = os.path.join(root, layout.archive)
         names = [rel.split("/", 1)[1] for rel in MD5S if rel.startswith(layout.folder + "/")]
