@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _gate_dtype(x):
@@ -113,7 +114,10 @@ class ParallelMLSTM(torch.autograd.Function):
     and, as L[t, s] = igate_s + sum_{s<j<=t} log_forget_j, the gate gradients are sums of dL:
         d igate_s = sum_t dL[t, s],   d log_forget_j = sum_{s<j} (sum_t dL[t, s] - sum_t' dL[s, t'])
     (the second: the entries with s < j <= t are all entries of the columns s < j minus those in the
-    rows t < j, which lie in the same columns since dL is lower-triangular).
+    rows t < j, which lie in the same columns since dL is lower-triangular). Where a row's maximum is
+    tied (forget gates of exactly 1), h has no derivative in m; dm goes to the first maximum (autograd
+    through amax splits it evenly), a different subgradient with the same sum over the tokens.
+    First derivatives only: a backward through its gradient raises.
     """
 
     @staticmethod
@@ -131,6 +135,7 @@ class ParallelMLSTM(torch.autograd.Function):
         return _normalise(numerator, dot, m, eps)
 
     @staticmethod
+    @once_differentiable  # built from saved forward values: a second derivative through it would be wrong
     def backward(ctx, grad_h):
         q, k, v, c, decay, numerator, dot, m, argmax = ctx.saved_tensors
         eps, dtype = ctx.eps, c.dtype
@@ -308,14 +313,14 @@ class GroupsToHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         width, parts, heads, batch, seq_len = ctx.layout
-        grouped_grad = grads[0]  # (B, NH, S, DH); unused outputs arrive as zeros
-        groups = heads * grouped_grad.shape[-1] // width
+        first_grad = grads[0]  # (B, NH, S, DH); unused outputs arrive as zeros
+        groups = heads * first_grad.shape[-1] // width
         rest = grads[-1]  # (B S, rest)
-        grad = grouped_grad.new_empty(groups, batch * seq_len, parts * width + rest.shape[-1])
+        grad = first_grad.new_empty(groups, batch * seq_len, parts * width + rest.shape[-1])
         for part, part_grad in enumerate(grads[:parts]):
             target = grad[..., part * width:(part + 1) * width].view(heads, groups // heads, batch, seq_len, width)
             target.copy_(part_grad.view(batch, heads, seq_len, groups // heads, width).permute(1, 3, 0, 2, 4))
-        grad[..., parts * width:].copy_(rest.expand(groups, *rest.shape))
+        grad[..., parts * width:].copy_(rest)  # the same gradient for every group's share
         return grad, None, None, None, None, None
 
 
@@ -485,7 +490,9 @@ class ViLLayer(nn.Module):
             out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv.transpose(1, 2))
             out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm.transpose(1, 2))
             gate_bias = gate_bias + gate_weight @ torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        # the gate shares summed over the groups in float32 (float64 for float64 inputs), also under autocast
+        # the gate shares summed over the groups in float32 (float64 for float64 inputs); under autocast
+        # each share comes from a bf16 matmul, as q, k and v do (the plain cell's gate map reads those
+        # bf16 q, k, v in float32: about the same rounding)
         dtype = _gate_dtype(x_conv)
         q, k, gates_conv = GroupsToHeads.apply(out_conv, width, 2, heads, batch, dtype)
         v, gates_mlstm = GroupsToHeads.apply(out_mlstm, width, 1, heads, batch, dtype)

@@ -62,9 +62,10 @@ class ViLConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
         inner = self.expansion * self.dim
-        if inner % self.num_heads or inner % self.qkv_block_size:
-            raise ValueError(f"inner width expansion*dim = {inner} must be a multiple of num_heads "
-                             f"({self.num_heads}) and of qkv_block_size ({self.qkv_block_size})")
+        if inner % self.num_heads or (inner // self.num_heads) % self.qkv_block_size:
+            raise ValueError(f"inner width expansion*dim = {inner} must split into num_heads ({self.num_heads}) "
+                             f"heads whose width is a multiple of qkv_block_size ({self.qkv_block_size}); "
+                             f"with the defaults, choose a dim that is a multiple of 8")
 
     @property
     def patch_grid(self):

@@ -164,6 +164,15 @@ def test_parallel_gradient_equals_the_naive_loop_gradient(regime):
         assert (leaf.grad - naive.grad).norm() <= 1e-9 * naive.grad.norm() + 1e-300, name
 
 
+def test_parallel_form_refuses_a_second_derivative():
+    # its backward is written from saved forward values; differentiating that backward would give wrong
+    # second derivatives, so it must raise rather than answer
+    leaves = [x.requires_grad_() for x in make_inputs(5, 1.0, torch.float64, seed=9, batch=1, heads=1, head_dim=3)]
+    grads = torch.autograd.grad(parallel_mlstm(*leaves).square().sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grads[0].sum().backward()
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an operator returns."""
 

@@ -163,7 +163,7 @@ def test_model_rebuilds_from_json_config():
     (dict(name="vil-t", chunk_size=0), "chunk_size"),
     (dict(name="vil-t", drop_path=1.5), "drop_path"),
     (dict(name="vil-t", img_size=(0, 32)), "img_size"),
-    (dict(name="vil-t", dim=18), "head width"),  # head width 9, blocks of 4
+    (dict(name="vil-t", dim=18), "multiple of qkv_block_size"),  # head width 9, blocks of 4
 ])
 def test_bad_configurations_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -229,7 +229,8 @@ def reference_layer(layer, x):
     heads = [t.view(batch, seq_len, cell.num_heads, -1).transpose(1, 2) for t in (q, k, v)]
     h = naive_mlstm(*heads, igate, fgate)  # (B, NH, S, DH)
     h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    h = h.transpose(1, 2).reshape(batch, seq_len, inner) * cell.norm_weight + cell.norm_bias
+    h = h.transpose(1, 2).reshape(batch, seq_len, inner) * cell.norm_weight
+    h = h if cell.norm_bias is None else h + cell.norm_bias
     h = (h + layer.skip * x_conv) * F.silu(z)
     out = F.linear(h, layer.proj_down.weight, layer.proj_down.bias)
     return out.flip(1) if layer.reverse else out
@@ -237,13 +238,13 @@ def reference_layer(layer, x):
 
 @pytest.mark.parametrize("conv_kind", ["2d", "causal1d"])
 @pytest.mark.parametrize("direction", ViLBlock.DIRECTIONS)
-@pytest.mark.parametrize("dim, proj_bias", [(24, True), (64, True), (64, False)])
-def test_layer_matches_the_design_written_out(conv_kind, direction, dim, proj_bias):
+@pytest.mark.parametrize("dim, proj_bias, norm_bias", [(24, True, True), (64, True, True), (64, False, False)])
+def test_layer_matches_the_design_written_out(conv_kind, direction, dim, proj_bias, norm_bias):
     # the layer folds the gate maps through the grouped q/k/v matmuls; the function of the
     # parameters, and so every gradient, must be the one the design writes out. dim 24: head width 12,
     # groups of 12 channels; dim 64: head width 32, groups of 16 (two groups per head)
     torch.manual_seed(2)
-    layer = ViLBlock(dim, direction, (3, 4), conv_kind=conv_kind, proj_bias=proj_bias).double().layer
+    layer = ViLBlock(dim, direction, (3, 4), conv_kind=conv_kind, proj_bias=proj_bias, norm_bias=norm_bias).double().layer
     for param in layer.parameters():
         torch.nn.init.normal_(param, std=0.5)
     x = torch.randn(2, 12, dim, dtype=torch.float64, requires_grad=True)
