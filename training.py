@@ -240,6 +240,11 @@ def autocast_dtype(amp, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+def autocast(device, dtype):
+    """Autocast to `dtype` on `device`; a no-op context when dtype is None (full precision)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def build_model(config, num_classes, in_chans, img_size):
     """The model of a run's config; bad model flags become a UserError."""
     overrides = {key: config[key] for key in ("dim", "depth", "patch_size", "pooling", "conv_kind",
@@ -296,7 +301,7 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader.epoch(0):
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(dim=-1) == y).sum()
@@ -494,7 +499,7 @@ def train(config, given, resume):
                 lr = learning_rate(global_step, total_steps, warmup_steps, config["lr"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                with autocast(device, dtype):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config["label_smoothing"])
                 optimizer.zero_grad(set_to_none=True)
