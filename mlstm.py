@@ -107,8 +107,9 @@ class ParallelMLSTM(torch.autograd.Function):
     apply(q, k, v: (..., S, DH), igate, log_forget: (..., S) in the gate dtype, eps) -> h (..., S, DH).
     Autograd through _chunk keeps about ten S x S intermediates and runs about twenty passes
     over them; this backward needs the scores C and the decay matrix from the forward and makes
-    four passes, besides the four matmuls. With L = log D, m_t = max_s L[t, s] and
-    C = (q k^T / sqrt(DH)) * exp(L - m), h = (C v) * u / den(dot, m) (see _normalise):
+    four passes, besides the four matmuls. With L = log D, m_t = max_s L[t, s], the decay
+    D' = exp(L - m) / sqrt(DH), C = (q k^T) * D', dot = sum_s C[:, s] and h = (C v) * u / den(dot, m)
+    (see _normalise):
         dC = (dh * u/den) v^T + d dot,   dv = C^T (dh * u/den),   dq = (dC * D') k,   dk = (dC * D')^T q
         dL = dC * C, plus dm at the argmax of each row (m enters through exp(L - m) and den)
     and, as L[t, s] = igate_s + sum_{s<j<=t} log_forget_j, the gate gradients are sums of dL:
