@@ -24,9 +24,10 @@ their ratios hold better than those of rows measured one after the other.
 
 The yardstick is a plain ViT of the preset's width and about its FLOPs: a ViT block costs about
 as much as two ViL blocks (one pair of directions), so its depth is half the preset's block count
-(vil-t: dim 192, depth 12, 3 heads; the table prints both FLOP counts, so the gap is visible). Pre-norm, head width 64, MLP ratio 4 (GELU), the preset's
-patch size, learnable position embedding, no class token and mean pooling over the tokens (ViL
-has no class token either), attention by torch's scaled_dot_product_attention. Its FLOPs are
+(vil-t: dim 192, depth 12, 3 heads; the table prints both FLOP counts, so the gap is visible).
+Pre-norm, head width 64, MLP ratio 4 (GELU), the preset's patch size, learnable position embedding,
+no class token and mean pooling over the tokens (ViL has no class token either), attention by
+torch's scaled_dot_product_attention. Its FLOPs are
 counted as the model counts its own: forward multiply-adds of matmuls and convolutions, times 2.
 The "counted" column is torch's FlopCounterMode on one forward pass: the FLOPs actually executed,
 a check of both counts (above the model's own count where it multiplies zeros on purpose).
@@ -45,6 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+from utils import autocast
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: plain fp32, no autocast
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
@@ -190,7 +193,7 @@ def make_train_step(model, batch_size, dtype, device):
     autocast_dtype = AUTOCAST_DTYPES[dtype]
 
     def train_step():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
@@ -301,11 +304,11 @@ def time_form(form, length, dtype, args, device):
     autocast_dtype = AUTOCAST_DTYPES[dtype]
 
     def forward():
-        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.no_grad(), autocast(device, autocast_dtype):
             form(q, k, v, igate, fgate)
 
     def forward_backward():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             h = form(q, k, v, igate, fgate)
         h.float().sum().backward()
 
@@ -413,7 +416,7 @@ def block_table(args, device):
             for name, loss_fn in candidates.items():
                 synchronize(device)
                 start = time.perf_counter()
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                with autocast(device, autocast_dtype):
                     loss = loss_fn()
                 loss.float().backward()
                 synchronize(device)

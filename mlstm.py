@@ -362,13 +362,16 @@ class MLSTMCell(nn.Module):
         return torch.cat([self.igate.weight, self.fgate.weight]), torch.cat([self.igate.bias, self.fgate.bias])
 
     def forward(self, q, k, v):
-        """q, k, v: (B, S, inner) -> (B, S, inner), the gates computed from the concatenation [q, k, v]."""
-        batch, seq_len, _ = q.shape
-        # gate pre-activations in float32 even under autocast: they are summed in log space
+        """q, k, v: (B, S, inner) -> (B, S, inner), the gates computed from [q, k, v]."""
+        batch, seq_len, inner = q.shape
+        # gate pre-activations in float32 even under autocast: they are summed in log space.
+        # W [q, k, v] is computed as Wq q + Wk k + Wv v, which saves concatenating q, k and v.
         with torch.autocast(device_type=q.device.type, enabled=False):
             dtype = _gate_dtype(q)
             weight, bias = self.gate_weights()
-            gates = F.linear(torch.cat([q, k, v], dim=-1).to(dtype), weight.to(dtype), bias.to(dtype))  # (B, S, 2 NH)
+            weight_q, weight_k, weight_v = weight.to(dtype).split(inner, dim=1)
+            gates = (F.linear(q.to(dtype), weight_q) + F.linear(k.to(dtype), weight_k)
+                     + F.linear(v.to(dtype), weight_v, bias.to(dtype)))  # (B, S, 2 NH)
         igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
         q, k, v = (x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, NH, S, DH)
         return self.mix(q, k, v, igate, fgate)
@@ -420,7 +423,8 @@ class ViLLayer(nn.Module):
             self.conv = nn.Conv1d(inner, inner, kernel_size=4, padding=3, groups=inner)
         head_dim = inner // num_heads
         if inner % num_heads or head_dim % qkv_block_size:
-            raise ValueError(f"head width {inner}/{num_heads} must be a multiple of the q/k/v block size {qkv_block_size}")
+            raise ValueError(f"head width {inner}/{num_heads} must be a multiple of the q/k/v block size "
+                             f"{qkv_block_size}")
         # channels per group of the grouped q/k/v matmuls: a multiple of the block size that divides the
         # head width (so that each group lies in one head), at most QKV_GROUP_WIDTH
         self.group_width = max(width for width in range(qkv_block_size, head_dim + 1, qkv_block_size)
@@ -467,7 +471,7 @@ class ViLLayer(nn.Module):
         section 2). Folded through the q/k/v maps, G [q, k, v] = (G_q Wq + G_k Wk) x_conv + G_v Wv x_mlstm
         + G [bq, bk, bv] + b_gate, so each group's matmul yields its share of the gates beside its
         q and k (or v) outputs. The same function of the same parameters as self.cell(q, k, v),
-        without the 3 x inner wide concatenation and its matmul with an output only 2 NH wide.
+        without its three matmuls over q, k and v with outputs only 2 NH wide.
         """
         batch, seq_len, inner = x_conv.shape
         width, heads = self.group_width, self.cell.num_heads
@@ -482,14 +486,16 @@ class ViLLayer(nn.Module):
         weight_mlstm = torch.cat([w_v, gate_v @ w_v], dim=1)
         conv_groups = x_conv.reshape(batch * seq_len, groups, width).transpose(0, 1)  # (groups, B S, width)
         mlstm_groups = x_mlstm.reshape(batch * seq_len, groups, width).transpose(0, 1)
+        weight_conv, weight_mlstm = weight_conv.transpose(1, 2), weight_mlstm.transpose(1, 2)  # (groups, in, out)
         if self.q_proj.bias is None:
-            out_conv = torch.bmm(conv_groups, weight_conv.transpose(1, 2))  # (groups, B S, 2 width + 2 NH)
-            out_mlstm = torch.bmm(mlstm_groups, weight_mlstm.transpose(1, 2))  # (groups, B S, width + 2 NH)
+            out_conv = torch.bmm(conv_groups, weight_conv)  # (groups, B S, 2 width + 2 NH)
+            out_mlstm = torch.bmm(mlstm_groups, weight_mlstm)  # (groups, B S, width + 2 NH)
         else:
-            bias_q, bias_k, bias_v = (proj.bias.view(groups, 1, width) for proj in (self.q_proj, self.k_proj, self.v_proj))
-            no_bias = bias_q.new_zeros(groups, 1, 2 * heads)
-            out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv.transpose(1, 2))
-            out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm.transpose(1, 2))
+            bias_q, bias_k, bias_v = (proj.bias.view(groups, 1, width)
+                                      for proj in (self.q_proj, self.k_proj, self.v_proj))
+            no_bias = bias_q.new_zeros(groups, 1, 2 * heads)  # the gate shares' bias is added once, below
+            out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv)
+            out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm)
             gate_bias = gate_bias + gate_weight @ torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         # the gate shares summed over the groups in float32 (float64 for float64 inputs); under autocast
         # each share comes from a bf16 matmul, as q, k and v do (the plain cell's gate map reads those

@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from data import (ALIASES, DATASETS, Augment, DataError, DeviceLoader, channel_mean_std, load_dataset,
                   split_train_val)
 from model import PRESETS, VisionLSTM, ViLConfig, create_model
-from utils import (ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, ensure_writable_dir,
-                   format_seconds, learning_rate, load_checkpoint, plot_curves, save_checkpoint, save_json,
-                   setup_distributed)
+from utils import (ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, autocast,
+                   ensure_writable_dir, format_seconds, learning_rate, load_checkpoint, plot_curves,
+                   save_checkpoint, save_json, setup_distributed)
 
 # ---------------------------------------------------------------------------------------------
 # Defaults: edit them here. A flag on the command line wins over these; the recipe of the chosen
@@ -238,11 +238,6 @@ def autocast_dtype(amp, device):
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bf16 support; use --amp fp16 or --amp off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def autocast(device, dtype):
-    """Autocast to `dtype` on `device`; a no-op context when dtype is None (full precision)."""
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def build_model(config, num_classes, in_chans, img_size):
@@ -572,9 +567,10 @@ def train(config, given, resume):
             signal.signal(signum, handler)
 
     test_loss, test_acc = evaluate_split(test_images, test_labels)
+    images_trained = sum(record["images_per_second"] * record["seconds"] for record in history)
     final = dict(dataset=config["dataset"], model=config["model"], test_acc=test_acc, test_loss=test_loss,
                  params=raw_model.num_params(), epochs=config["epochs"], train_seconds=train_seconds,
-                 images_per_second=sum(r["images_per_second"] * r["seconds"] for r in history) / max(train_seconds, 1e-9),
+                 images_per_second=images_trained / max(train_seconds, 1e-9),
                  ema=bool(ema), device=str(device), world_size=world_size)
     if is_main:
         save_json(final, os.path.join(out_dir, "final.json"))

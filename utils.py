@@ -1,5 +1,6 @@
-"""Small helpers of training.py: user-facing errors, atomic files,
-distributed setup, the learning-rate schedule, a weight EMA, a progress bar and the curves plot."""
+"""Small helpers of training.py (bench.py shares autocast): user-facing errors, atomic files,
+autocast, distributed setup, the learning-rate schedule, a weight EMA, a progress bar and the
+curves plot."""
 import json
 import math
 import os
@@ -97,6 +98,11 @@ def all_reduce_sum(values, device):
 
 
 # ----------------------------------------------------------------------------- optimisation
+
+def autocast(device, dtype):
+    """Autocast to `dtype` on `device`; a no-op context when dtype is None (full precision)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
 
 def learning_rate(step, total_steps, warmup_steps, base_lr):
     """Linear warm-up from 0 to base_lr over warmup_steps, then cosine decay to 0 at total_steps."""

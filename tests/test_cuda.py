@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from data import DATASETS, DeviceLoader, augment_recipe
-from mlstm import ViLBlock, parallel_mlstm
+from mlstm import ViLBlock
 from model import create_model
-from test_mlstm import FORMS, GRADIENT_REGIMES, make_inputs, naive_mlstm, normwise_relative_error
+from test_mlstm import (FORMS, GRADIENT_REGIMES, assert_parallel_gradient_equals_the_naive_loop_gradient,
+                        make_inputs, naive_mlstm, normwise_relative_error)
 from test_model import SMALL, reference_layer
 from test_training import TINY, run_main, write_folder_dataset
 
@@ -31,16 +32,7 @@ def test_forms_match_the_float64_loop_on_cuda(seq_len, gate_scale):
 
 @pytest.mark.parametrize("regime", GRADIENT_REGIMES)
 def test_parallel_gradient_on_cuda_equals_the_naive_loop_gradient(regime):
-    gate_scale, igate_offset, query_scale = GRADIENT_REGIMES[regime]
-    q, k, v, igate, fgate = make_inputs(23, gate_scale, torch.float64, seed=7)
-    inputs = [q * query_scale, k, v, igate + igate_offset, fgate]
-    leaves = [x.to(DEVICE, copy=True).requires_grad_() for x in inputs]
-    naive_leaves = [x.clone().requires_grad_() for x in inputs]
-    cotangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    (parallel_mlstm(*leaves) * cotangent.to(DEVICE)).sum().backward()
-    (naive_mlstm(*naive_leaves) * cotangent).sum().backward()
-    for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
-        assert (leaf.grad.cpu() - naive.grad).norm() <= 1e-9 * naive.grad.norm() + 1e-300, name
+    assert_parallel_gradient_equals_the_naive_loop_gradient(regime, DEVICE)
 
 
 def test_forms_finite_at_extreme_gates_under_bf16_autocast_on_cuda():

@@ -149,19 +149,24 @@ GRADIENT_REGIMES = {
 }
 
 
-@pytest.mark.parametrize("regime", GRADIENT_REGIMES)
-def test_parallel_gradient_equals_the_naive_loop_gradient(regime):
-    # parallel_mlstm's backward is written out (ParallelMLSTM); the loop's comes from autograd
+def assert_parallel_gradient_equals_the_naive_loop_gradient(regime, device):
+    """parallel_mlstm's backward is written out (ParallelMLSTM); the loop's comes from autograd in
+    float64 on the CPU."""
     gate_scale, igate_offset, query_scale = GRADIENT_REGIMES[regime]
     q, k, v, igate, fgate = make_inputs(23, gate_scale, torch.float64, seed=7)
     inputs = [q * query_scale, k, v, igate + igate_offset, fgate]
-    leaves = [x.clone().requires_grad_() for x in inputs]
+    leaves = [x.to(device, copy=True).requires_grad_() for x in inputs]
     naive_leaves = [x.clone().requires_grad_() for x in inputs]
     cotangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    (parallel_mlstm(*leaves) * cotangent).sum().backward()
+    (parallel_mlstm(*leaves) * cotangent.to(device)).sum().backward()
     (naive_mlstm(*naive_leaves) * cotangent).sum().backward()
     for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
-        assert (leaf.grad - naive.grad).norm() <= 1e-9 * naive.grad.norm() + 1e-300, name
+        assert (leaf.grad.cpu() - naive.grad).norm() <= 1e-9 * naive.grad.norm() + 1e-300, name
+
+
+@pytest.mark.parametrize("regime", GRADIENT_REGIMES)
+def test_parallel_gradient_equals_the_naive_loop_gradient(regime):
+    assert_parallel_gradient_equals_the_naive_loop_gradient(regime, "cpu")
 
 
 def test_parallel_form_refuses_a_second_derivative():
