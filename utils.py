@@ -99,6 +99,16 @@ def all_reduce_sum(values, device):
 
 # ----------------------------------------------------------------------------- optimisation
 
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast
+    trains faster than float32. CPUs without it emulate bf16 and run slower than float32."""
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, name, None)  # private helpers of torch.cpu, present since torch 2.3
+        if check is not None and check():
+            return True
+    return False
+
+
 def autocast(device, dtype):
     """Autocast to `dtype` on `device`; a no-op context when dtype is None (full precision)."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
@@ -155,31 +165,41 @@ def format_seconds(seconds):
 
 
 class ProgressBar:
-    """One self-rewriting line per epoch on a terminal; silent otherwise (the caller prints
-    a summary line per epoch either way)."""
+    """Progress within an epoch, on stderr. On a terminal one self-rewriting line, updated every
+    call; otherwise (output sent to a log file) a plain line at every tenth of the epoch, so that
+    a long run's log shows it is alive. The caller prints a summary line per epoch either way."""
 
-    def __init__(self, total, prefix, enabled):
+    def __init__(self, total, prefix, enabled, stream=None):
         self.total, self.prefix = total, prefix
-        self.enabled = enabled and sys.stderr.isatty()
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.terminal = self.stream.isatty()
         self.start = time.perf_counter()
+        self.next_line = 1  # the tenth of the epoch whose end prints the next plain line
 
     def update(self, done, loss, accuracy, images_per_second):
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
         left = elapsed / max(done, 1) * (self.total - done)
-        width = 24
-        filled = int(width * done / max(self.total, 1))
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r{self.prefix} [{bar}] {done}/{self.total} loss {loss:.4f} "
-                         f"acc {100 * accuracy:.2f}% {images_per_second:.0f} img/s "
-                         f"left {format_seconds(left)}  ")
-        sys.stderr.flush()
+        status = (f"{done}/{self.total} loss {loss:.4f} acc {100 * accuracy:.2f}% "
+                  f"{images_per_second:.0f} img/s left {format_seconds(left)}")
+        if self.terminal:
+            width = 24
+            filled = int(width * done / max(self.total, 1))
+            bar = "#" * filled + "." * (width - filled)
+            self.stream.write(f"\r{self.prefix} [{bar}] {status}  ")
+            self.stream.flush()
+            return
+        if done < self.total and done * 10 >= self.next_line * self.total:
+            self.next_line = done * 10 // self.total + 1
+            self.stream.write(f"{self.prefix} {status}\n")
+            self.stream.flush()
 
     def close(self):
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 110 + "\r")
-            sys.stderr.flush()
+        if self.enabled and self.terminal:
+            self.stream.write("\r" + " " * 110 + "\r")
+            self.stream.flush()
 
 
 def plot_curves(history, path):

@@ -18,7 +18,8 @@ import training
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "folder", "--dim", "32", "--depth", "2", "--patch-size", "4",
         "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "0.5", "--crop-padding", "2",
-        "--no-flip", "--image-size", "16", "--device", "cpu", "--seed", "3"]
+        "--no-flip", "--image-size", "16", "--device", "cpu", "--seed", "3",
+        "--amp", "off"]  # float32 on every CPU: the tests compare runs to float32 tolerances
 
 
 def write_folder_dataset(root, train_per_class=48, test_per_class=16, size=16):
@@ -268,3 +269,58 @@ def test_limit_train_on_a_folder_keeps_every_class(data_dir, tmp_path, capsys):
     assert code == 0, captured.err
     assert json.loads((out / "config.json").read_text())["num_classes"] == 2
     assert json.loads((out / "config.json").read_text())["model_config"]["img_size"] == [16, 16]
+
+
+def test_amp_auto_is_bf16_on_a_cpu_with_native_bf16_and_float32_on_one_without(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.autocast_dtype("auto", cpu) == torch.bfloat16
+    assert training.autocast_dtype("off", cpu) is None
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert training.autocast_dtype("auto", cpu) is None
+    assert training.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for: granted (emulated)
+
+
+def tiny_classifier():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+
+
+def test_tta_logits_are_the_mean_of_the_image_and_its_mirror_image():
+    model = tiny_classifier()
+    x = torch.randn(5, 3, 8, 8)
+    expected = (model(x) + model(torch.flip(x, dims=[3]))) / 2
+    assert torch.allclose(training.predict(model, x, tta=True), expected, atol=1e-6)
+    assert torch.equal(training.predict(model, x, tta=False), model(x))
+    # a model that is not mirror-symmetric gives different logits with and without it
+    assert not torch.allclose(training.predict(model, x, tta=True), model(x))
+
+
+def test_evaluate_without_tta_scores_the_plain_logits_and_with_it_the_mirrored_mean():
+    model = tiny_classifier()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (40,), generator=generator)
+    config = dict(num_classes=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = (images.float() / 255 - 0.5) / 0.25
+    for tta in (False, True):
+        logits = training.predict(model, x, tta)
+        loss, accuracy = training.evaluate(model, images, labels, config, torch.device("cpu"), None,
+                                           0, 1, None, tta=tta)
+        assert accuracy == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+        assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_tta_only_where_training_flips():
+    assert training.mirror_tta(dict(tta=True, flip=True), digits=False)
+    assert not training.mirror_tta(dict(tta=True, flip=True), digits=True)  # digits are never mirrored
+    assert not training.mirror_tta(dict(tta=True, flip=False), digits=False)
+    assert not training.mirror_tta(dict(tta=False, flip=True), digits=False)
+    assert not training.mirror_tta(dict(flip=True), digits=False)  # a checkpoint from before --tta
+
+
+def test_progress_lines_reach_a_log_file(data_dir, tmp_path):
+    result = run_script(TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("epoch 1/1 ")]
+    assert progress and all("img/s" in line for line in progress), result.stderr

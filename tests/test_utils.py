@@ -59,3 +59,51 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         atomic_write(str(path), failing)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["file.json"]  # no temporary file left behind
+
+
+def test_cpu_native_bf16_is_read_from_torch_cpu_probes(monkeypatch):
+    import utils
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert utils.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert utils.cpu_has_native_bf16() is True
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert utils.cpu_has_native_bf16() is True
+    # an older torch without the probes: no native bf16 assumed
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert utils.cpu_has_native_bf16() is False
+
+
+def progress_lines(total, updated_steps):
+    import io
+    from utils import ProgressBar
+    stream = io.StringIO()  # not a terminal, as a log file
+    bar = ProgressBar(total, "epoch 1/3", True, stream=stream)
+    for done in updated_steps:
+        bar.update(done, 0.5, 0.25, 100.0)
+    bar.close()
+    return stream.getvalue().splitlines()
+
+
+def test_progress_prints_a_plain_line_per_tenth_of_the_epoch_when_not_a_terminal():
+    lines = progress_lines(100, range(1, 101))
+    assert [line.split()[2] for line in lines] == [f"{10 * tenth}/100" for tenth in range(1, 10)]
+    assert all(line.startswith("epoch 1/3 ") and "img/s" in line and "\r" not in line for line in lines)
+    # updated only every 20 steps (as on a GPU): a line at each update that crosses a tenth
+    assert [line.split()[2] for line in progress_lines(100, range(20, 101, 20))] == \
+        ["20/100", "40/100", "60/100", "80/100"]
+    # fewer steps than tenths: one line per step but the last (the epoch summary follows it)
+    assert len(progress_lines(4, range(1, 5))) == 3
+
+
+def test_progress_is_silent_on_processes_other_than_the_first():
+    import io
+    from utils import ProgressBar
+    stream = io.StringIO()
+    bar = ProgressBar(10, "epoch 1/1", False, stream=stream)
+    for done in range(1, 11):
+        bar.update(done, 0.5, 0.25, 100.0)
+    assert stream.getvalue() == ""
