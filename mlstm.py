@@ -1,4 +1,4 @@
-"""The mLSTM of xLSTM and the Vision-LSTM block built on it (DESIGN.md sections 1 to 3).
+"""The mLSTM of xLSTM and the Vision-LSTM block built on it (the maths: parts (1) to (4) below).
 
 First the maths over plain tensors, in three exact forms of the same function:
     parallel_mlstm   quadratic in S, what ViL trains with at short token sequences
@@ -15,6 +15,41 @@ q, k, v: (B, NH, S, DH) and the gate pre-activations igate, fgate: (B, NH, S), a
 h: (B, NH, S, DH) in the dtype of q. Keys are scaled by 1/sqrt(DH) inside, the state starts
 empty (m_0 = -inf, C_0 = 0, n_0 = 0). Gate and stabiliser arithmetic runs in float32 (float64
 for float64 inputs), also under bf16 autocast.
+
+(1) The recurrence, per head: exponential input gate, sigmoid forget gate, stabilised in log space.
+    m_t  = max(logsigmoid(fgate_t) + m_{t-1}, igate_t)                        m_0 = -inf
+    i'_t = exp(igate_t - m_t)          f'_t = exp(logsigmoid(fgate_t) + m_{t-1} - m_t)
+    C_t  = f'_t C_{t-1} + i'_t v_t (k_t / sqrt(DH))^T     n_t = f'_t n_{t-1} + i'_t k_t / sqrt(DH)
+    h_t  = C_t q_t / (max(|n_t . q_t|, exp(-m_t)) + eps)                      eps = 1e-6
+C (DH x DH) and n are held scaled by exp(-m_t), so every exp() stays finite for any gate values.
+
+(2) The parallel form, for all tokens at once (rows t, columns s):
+    log D[t, s] = sum_{s<j<=t} logsigmoid(fgate_j) + igate_s for s <= t, -inf for s > t
+    m_t = max_s log D[t, s]            C~ = (Q K^T / sqrt(DH)) * exp(log D - m)
+    n_t = max(|sum_s C~[t, s]|, exp(-m_t))                 H = C~ V / (n + eps)
+log D is a masked segment sum of the gates, not the difference of two running sums (which
+cancels in float32). The chunkwise form runs this inside chunks of L tokens and carries
+(C, n, m) between chunks with the update of (1); with S <= L it is the parallel form.
+
+(3) The cell (MLSTMCell). Two linear maps from [q, k, v] (width 3 inner) to NH outputs give the
+gates, igate = W_i [q, k, v] + b_i and fgate = W_f [q, k, v] + b_f; after the recurrence, each head
+is normalised on its own (a per-head LayerNorm), then scaled (and shifted, with norm_bias) by
+learnable per-channel vectors. Init: W_f = 0, b_f = linspace(3, 6) over the heads (forget gates
+start near 1: long memory), W_i = 0, b_i ~ N(0, 0.1).
+
+(4) The ViL block (ViLBlock, ViLLayer); D model width, inner = expansion * D (expansion 2):
+    block(x) = x + DropPath(layer(LayerNorm(x)))
+    layer(x): a "bottom_right" block reverses the token order first and undoes it at the end
+        x_m, z = split(Linear(D -> 2 inner)(x))
+        x_c = SiLU(conv(x_m))      depthwise: 3x3 on the patch grid ("2d"), or causal 1-D of width 4
+        q = Wq x_c, k = Wk x_c, v = Wv x_m        block-diagonal maps, 4 x 4 blocks (default)
+        h = cell(q, k, v)                         NH = 4 heads (default), DH = inner / NH
+        h = (h + skip * x_c) * SiLU(z)            skip a learnable vector
+        out = Linear(inner -> D)(h)
+Init: up-projection and q/k/v weights normal with std sqrt(2 / (5 D)) ("small init", the model
+width D also for the inner-width q/k/v maps), down-projection std 2 / (n sqrt(D)) with n = 1 or
+n = the number of blocks (ViLConfig.down_proj_init "fixed"); their biases 0, skip 1; the conv
+keeps PyTorch's default init.
 """
 
 import math
@@ -40,7 +75,9 @@ def _normalise(numerator, dot, m, eps):
     """
     u = torch.exp(-torch.relu(-m))
     denominator = torch.maximum(dot.abs() * u, torch.exp(-torch.relu(m))) + eps * u
-    return numerator * (u / denominator)
+    # the (..., S, 1) factor in the numerator's dtype, so that a bf16 numerator gives a bf16 h
+    # without a float32 copy of the whole output
+    return numerator * (u / denominator).to(numerator.dtype)
 
 
 def _log_decay_matrix(log_forget, igate):
@@ -170,7 +207,8 @@ class ParallelMLSTM(torch.autograd.Function):
 
 
 def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
-    """The quadratic form: all S x S token pairs at once. O(S^2 DH) time, O(S^2) memory per head.
+    """The quadratic form (module docstring, part 2): all S x S token pairs at once. O(S^2 DH) time,
+    O(S^2) memory per head.
 
     q, k, v: (B, NH, S, DH); igate, fgate: gate pre-activations (B, NH, S). Returns h (B, NH, S, DH).
     """
@@ -205,7 +243,7 @@ def chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=64, eps=1e-6):
 
 
 def recurrent_mlstm(q, k, v, igate, fgate, eps=1e-6):
-    """The recurrence of DESIGN.md section 1, one token at a time (reference, slow).
+    """The recurrence of the module docstring, part 1, one token at a time (reference, slow).
 
     q, k, v: (B, NH, S, DH); igate, fgate: gate pre-activations (B, NH, S). Returns h (B, NH, S, DH).
     """
@@ -326,7 +364,8 @@ class GroupsToHeads(torch.autograd.Function):
 
 
 class MLSTMCell(nn.Module):
-    """Gates from [q, k, v], the mLSTM recurrence in one of its three forms, a per-head LayerNorm.
+    """Gates from [q, k, v], the mLSTM recurrence in one of its three forms, a per-head LayerNorm
+    (module docstring, part 3).
 
     forward(q, k, v: (B, S, inner)) -> (B, S, inner).
     """
@@ -390,13 +429,16 @@ class MLSTMCell(nn.Module):
             h = recurrent_mlstm(q, k, v, igate, fgate)
         # per-head LayerNorm (a GroupNorm with NH groups), then the learnable scale and shift
         h = F.layer_norm(h, (head_dim,)).transpose(1, 2).reshape(batch, seq_len, heads * head_dim)  # (B, S, inner)
+        # the affine in h's dtype: under bf16 autocast a float32 weight would promote the whole
+        # activation to float32 until the next matmul casts it back
+        weight = self.norm_weight.to(h.dtype)
         if self.norm_bias is None:
-            return h * self.norm_weight
-        return torch.addcmul(self.norm_bias, h, self.norm_weight)
+            return h * weight
+        return torch.addcmul(self.norm_bias.to(h.dtype), h, weight)
 
 
 class ViLLayer(nn.Module):
-    """The mLSTM layer of a ViL block (DESIGN.md section 3), reading the tokens in one direction.
+    """The mLSTM layer of a ViL block (module docstring, part 4), reading the tokens in one direction.
 
     dim: model width D; reverse: read bottom-right to top-left; patch_grid: (rows, cols) of the
     token grid, needed by the "2d" conv. forward(x: (B, S, D)) -> (B, S, D).
@@ -467,8 +509,8 @@ class ViLLayer(nn.Module):
         """q = Wq x_conv, k = Wk x_conv, v = Wv x_mlstm, each (B, NH, S, DH), and the cell's gate
         pre-activations igate, fgate (B, NH, S), from two batched matmuls over channel groups.
 
-        x_conv, x_mlstm: (B, S, inner). The gates are a linear map G of [q, k, v] (DESIGN.md
-        section 2). Folded through the q/k/v maps, G [q, k, v] = (G_q Wq + G_k Wk) x_conv + G_v Wv x_mlstm
+        x_conv, x_mlstm: (B, S, inner). The gates are a linear map G of [q, k, v] (module
+        docstring, part 3). Folded through the q/k/v maps, G [q, k, v] = (G_q Wq + G_k Wk) x_conv + G_v Wv x_mlstm
         + G [bq, bk, bv] + b_gate, so each group's matmul yields its share of the gates beside its
         q and k (or v) outputs. The same function of the same parameters as self.cell(q, k, v),
         without its three matmuls over q, k and v with outputs only 2 NH wide.
@@ -518,7 +560,7 @@ class ViLLayer(nn.Module):
         z = F.linear(x, weight_z, bias_z)
         x_conv = F.silu(self._conv(x_mlstm))
         h = self.cell.mix(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
-        h = torch.addcmul(h, self.skip, x_conv) * F.silu(z)
+        h = torch.addcmul(h, self.skip.to(h.dtype), x_conv) * F.silu(z)  # (B, S, inner), in h's dtype
         out = self.proj_down(h)
         return out.flip(1) if self.reverse else out
 
@@ -541,7 +583,7 @@ class DropPath(nn.Module):
 
 
 class ViLBlock(nn.Module):
-    """x + DropPath(ViLLayer(LayerNorm(x))), one traversal direction.
+    """x + DropPath(ViLLayer(LayerNorm(x))), one traversal direction (module docstring, part 4).
 
     direction: "top_left" (row-major from the top-left patch) or "bottom_right" (the reverse).
     forward(x: (B, S, D)) -> (B, S, D).
