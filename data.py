@@ -523,8 +523,9 @@ class Augment:
 
 
 def augment_recipe(name, digits=False):
-    """Named recipes: "none"; "default" (crop + flip, the seed's); "strong" (as the small-data ViT results
-    of DESIGN.md §5: crop, flip, RandAugment(2, 9), random erasing 0.25, mixup 0.8 / cutmix 1.0).
+    """Named recipes: "none"; "default" (crop + flip, the seed's); "strong" (in the manner of the
+    published from-scratch CIFAR results of small ViTs and CCT: crop, flip, RandAugment(2, 9), random
+    erasing 0.25, mixup 0.8 / cutmix 1.0).
     digits=True turns flips off (a mirrored digit is another symbol or none)."""
     recipes = {
         "none": Augment(),

@@ -1,5 +1,16 @@
 """Vision-LSTM (ViL): patch embedding, a stack of mLSTM blocks of alternating direction, pooling of
-the first and last token, a linear head (DESIGN.md section 4).
+the first and last token, a linear head. The blocks and the mLSTM maths are in mlstm.py (its module
+docstring, parts 1 to 4); around them, with C image channels and D the model width:
+
+    x = Conv2d(C -> D, kernel = stride = patch_size)(image)    S = rows * cols tokens, row-major
+    x = x + pos_embed          learnable, one per patch, no class token; trunc-normal std 0.02
+    x = block_i(x), i < depth  even blocks read from the top-left patch, odd ones from the bottom-right;
+                               drop-path rate linear from 0 (first block) to drop_path (last)
+    x = LayerNorm(x)           eps 1e-6
+    pooled = [x_first, x_last]        "bilateral_concat" (ViL v2), 2 D wide
+          or (x_first + x_last) / 2   "bilateral_avg" (ViL v1, the seed README's model), D wide
+    logits = Linear(pooled)    weight trunc-normal std 2e-5, bias 0
+The patch embedding is initialised as a linear map of the flattened patch (Xavier uniform, bias 0).
 
     model = create_model("vil-t", num_classes=10, img_size=32)             # a named preset
     model = create_model("vil-seed", img_size=(28, 28), in_chans=1, depth=6)  # with overrides

@@ -1,6 +1,6 @@
-"""Properties of the three mLSTM forms in mlstm.py: they compute the recurrence of DESIGN.md
-section 1 (checked against a naive float64 loop written here), stay finite at extreme gates,
-have correct gradients, and the chunkwise form needs memory linear in S."""
+"""Properties of the three mLSTM forms in mlstm.py: they compute the recurrence of mlstm.py's
+module docstring, part 1 (checked against a naive float64 loop written here), stay finite at
+extreme gates, have correct gradients, and the chunkwise form needs memory linear in S."""
 
 import math
 
@@ -13,7 +13,7 @@ from mlstm import chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 
 
 def naive_mlstm(q, k, v, igate, fgate, eps=1e-6):
-    """DESIGN.md section 1 word for word, one step at a time in float64, m_0 = -inf."""
+    """mlstm.py's module docstring, part 1, word for word, one step at a time in float64, m_0 = -inf."""
     q, k, v, igate, fgate = (x.double() for x in (q, k, v, igate, fgate))
     batch, heads, seq_len, head_dim = q.shape
     c = torch.zeros(batch, heads, head_dim, head_dim, dtype=torch.float64)

@@ -199,8 +199,9 @@ def test_model_compiles_without_graph_breaks():
 
 
 def reference_layer(layer, x):
-    """DESIGN.md section 3 written out plainly (dense block-diagonal matrices, concatenated gate
-    input, explicit per-head normalisation), using the layer's own parameters."""
+    """The layer of mlstm.py's module docstring, part 4, written out plainly (dense block-diagonal
+    matrices, concatenated gate input, explicit per-head normalisation), using the layer's own
+    parameters."""
     batch, seq_len, _ = x.shape
     if layer.reverse:
         x = x.flip(1)
@@ -262,7 +263,7 @@ def test_layer_matches_the_design_written_out(conv_kind, direction, dim, proj_bi
 
 
 def test_cell_forward_takes_its_gates_from_q_k_v():
-    # MLSTMCell.forward(q, k, v) is the cell of DESIGN.md section 2 on its own (the layer calls mix)
+    # MLSTMCell.forward(q, k, v) is the cell of mlstm.py's docstring, part 3, on its own (the layer calls mix)
     torch.manual_seed(3)
     layer = ViLBlock(24, "top_left", (3, 4)).double().layer
     for param in layer.parameters():
