@@ -10,17 +10,28 @@ the cost of the three mLSTM forms as the sequence grows, and the speed of the da
     python bench.py --profile --model vil-t  # top ops of one training step, ViL and its ViT
     python bench.py --block                # one pair of ViL blocks beside one ViT block, timed in turns
 
-Training throughput is one optimisation step (forward, cross-entropy, backward, AdamW step) on
-random 32x32 images and labels, in images/s. Warm-up steps are excluded; each timed step is a
-window of its own (synchronised on CUDA); the table shows the median and the range over windows.
-Every configuration runs in a fresh process, so its peak memory is its own: on CUDA
-torch.cuda.max_memory_allocated, on CPU the peak resident set size of the process (getrusage
-maxrss, which includes the Python + torch runtime: the header prints that baseline).
---compile adds rows with the model wrapped in torch.compile (compiled during the warm-up; the
-optimizer step stays eager). AdamW is fused on CUDA, as training.py runs it.
+Training throughput is one optimisation step as training.py takes it (autocast forward,
+cross-entropy with label smoothing 0.1 on float32 logits, zero_grad, backward, gradient clipping to
+norm 1.0, AdamW step; AdamW fused on CUDA) on random 32x32 images and labels, in images/s. Each row
+pair (a preset and its ViT, same dtype, compile mode and batch) is timed in turns within one fresh
+process: one ViL step, one ViT step, and so on, each step a window of its own (synchronised on
+CUDA), warm-up turns excluded. The table shows each model's median and range over its windows and
+the ratio of the two medians, so that a shared machine's drift touches both models alike.
+Peak memory is measured apart, in a short pass per model in a fresh process of its own (one
+warm-up step, then one step, so that gradients and AdamW state exist), so that it stays each
+model's own: on CUDA torch.cuda.max_memory_allocated, on CPU the peak resident set size of the
+process (getrusage maxrss, which includes the Python + torch runtime: the header prints that
+baseline).
+"% of peak" is the training FLOPs achieved over the device's matmul peak in the row's dtype. The
+training FLOPs of one image are 3 x the forward FLOPs the model counts itself (the "GFLOPs/img"
+column: matmuls and convolutions, 2 per multiply-add; the backward pass taken as twice the forward,
+the usual rule), times the img/s. The peak is measured before the table: one plain square matmul
+(2048 on CPU, 4096 on CUDA) in fp32, or in bf16 on bf16 tensors for bf16 rows, median of a few
+repeats after a warm-up, printed in the header in TFLOP/s.
+--compile adds rows with the models wrapped in torch.compile (compiled during the warm-up; the
+optimizer step stays eager).
 --block times one pair of ViL blocks (both directions) beside one ViT block, forward + backward,
-and the pair's up- and down-projections alone, in turns within one process: on a shared machine
-their ratios hold better than those of rows measured one after the other.
+and the pair's up- and down-projections alone, in turns within one process, as the table does.
 
 The yardstick is a plain ViT of the preset's width and about its FLOPs: a ViT block costs about
 as much as two ViL blocks (one pair of directions), so its depth is half the preset's block count
@@ -52,6 +63,12 @@ from utils import autocast
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: plain fp32, no autocast
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
 VIT_HEAD_DIM, VIT_MLP_RATIO = 64, 4
+LABEL_SMOOTHING, GRAD_CLIP = 0.1, 1.0  # training.py's defaults
+TRAINING_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the inputs and of the weights)
+
+# the matmul peak: one (N, N) @ (N, N) product per dtype, median of the repeats after the warm-up
+PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 4096}
+PEAK_REPEATS, PEAK_WARMUP = 5, 2
 
 # --forms: one mLSTM layer of vil-t (inner width 384 over 4 heads); batch 1 keeps the parallel
 # form's (S, S) matrices at S = 4096 within a shared machine's memory
@@ -154,18 +171,42 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def timed_in_turns(fns, steps, warmup, device):
+    """Calls the functions of the dict fns one after the other, turn after turn: warmup untimed
+    turns, then steps turns in which each call is timed alone -> {name: list of seconds}."""
+    seconds = {name: [] for name in fns}
+    for turn in range(warmup + steps):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if turn >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def timed_windows(fn, steps, warmup, device):
     """Runs fn warmup times untimed, then steps times, each timed alone -> list of seconds."""
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return timed_in_turns({"fn": fn}, steps, warmup, device)["fn"]
+
+
+def matmul_peak_flops(dtype, device, size, repeats=PEAK_REPEATS, warmup=PEAK_WARMUP):
+    """FLOP/s of one plain (size, size) @ (size, size) matmul in dtype ("bf16": bf16 tensors, no
+    autocast), the median over the repeats."""
+    tensor_dtype = AUTOCAST_DTYPES[dtype] or torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=tensor_dtype) for _ in range(2))
+    return 2 * size**3 / statistics.median(timed_windows(lambda: a @ b, repeats, warmup, device))
+
+
+def training_flops_per_image(forward_flops):
+    """Forward + backward FLOPs of one image, by the 3x rule."""
+    return TRAINING_FLOPS_PER_FORWARD * forward_flops
+
+
+def fraction_of_peak(forward_flops, images_per_s, peak_flops):
+    """Training FLOP/s achieved, as a fraction of the peak FLOP/s."""
+    return training_flops_per_image(forward_flops) * images_per_s / peak_flops
 
 
 def peak_memory_bytes(device):
@@ -185,19 +226,22 @@ def counted_flops(model, device):
 
 
 def make_train_step(model, batch_size, dtype, device):
-    """A closure doing one AdamW training step on a fixed random batch."""
+    """A closure doing one training step as training.py does, on a fixed random batch."""
     x = torch.randn(batch_size, IN_CHANS, IMG_SIZE, IMG_SIZE, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    params = list(model.parameters())
     # fused on CUDA, as training.py runs it
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, fused=device.type == "cuda")
     autocast_dtype = AUTOCAST_DTYPES[dtype]
 
     def train_step():
         with autocast(device, autocast_dtype):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=LABEL_SMOOTHING)
         optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        optimizer.step()
 
     return train_step
 
@@ -214,6 +258,20 @@ def measure_training(spec, batch_size, device, dtype, compiled, steps, warmup):
     result["images_per_s"] = [batch_size / s for s in seconds]
     result["peak_memory"] = peak_memory_bytes(device)
     return result
+
+
+def measure_in_turns(specs, batch_size, device, dtype, compiled, steps, warmup):
+    """Runs in a fresh process: the models' training steps in turns, one step of each per turn.
+    -> {model label: list of images/s per timed window}."""
+    device = torch.device(device)
+    train_steps = {}
+    for spec in specs:
+        torch.manual_seed(0)
+        model = build_model(spec).to(device)
+        train_steps[model_label(spec)] = make_train_step(torch.compile(model) if compiled else model,
+                                                         batch_size, dtype, device)
+    seconds = timed_in_turns(train_steps, steps, warmup, device)
+    return {label: [batch_size / s for s in times] for label, times in seconds.items()}
 
 
 def runtime_baseline():
@@ -258,40 +316,65 @@ def megabytes(num_bytes):
     return f"{num_bytes / 2**20:.0f} MB"
 
 
-def training_row(spec, dtype, compiled, args, device):
-    """Measures one configuration in a fresh process -> (median images/s, table cells without the ratio)."""
-    result = in_fresh_process(measure_training, spec, args.batch_size, str(device), dtype, compiled,
-                              args.steps, args.warmup)
-    speeds = result["images_per_s"]
+def figures(value):
+    """A rate to three significant figures at least, without an exponent: 1234, 123, 12.3, 0.123."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def memory_pass(spec, dtype, compiled, args, device):
+    """Params, FLOP counts and peak memory of one model, from one warm-up step and one step in a
+    fresh process of its own (the second step holds gradients and AdamW state)."""
+    return in_fresh_process(measure_training, spec, args.batch_size, str(device), dtype, compiled, 1, 1)
+
+
+def training_cells(spec, result, speeds, vit_speed, dtype, compiled, args, peak_flops):
+    """One table row: a model's memory pass result and its images/s per window."""
     speed = statistics.median(speeds)
-    cells = [model_label(spec), f"{result['params'] / 1e6:.2f}M", f"{result['flops'] / 1e9:.3f}",
-             f"{result['counted'] / 1e9:.3f}", args.batch_size, dtype, "yes" if compiled else "no",
-             f"{speed:.0f} ({min(speeds):.0f}-{max(speeds):.0f})"]
-    return speed, cells + [megabytes(result["peak_memory"])]
+    return [model_label(spec), f"{result['params'] / 1e6:.2f}M", f"{result['flops'] / 1e9:.3f}",
+            f"{result['counted'] / 1e9:.3f}", args.batch_size, dtype, "yes" if compiled else "no",
+            f"{figures(speed)} ({figures(min(speeds))}-{figures(max(speeds))})",
+            f"{figures(100 * fraction_of_peak(result['flops'], speed, peak_flops))}%", f"{speed / vit_speed:.2f}",
+            megabytes(result["peak_memory"])]
 
 
-def training_table(args, device):
+def print_training_header(args, device, size, peaks):
     if device.type == "cuda":
         memory_kind = "torch.cuda.max_memory_allocated"
     else:
         baseline = in_fresh_process(runtime_baseline)
         memory_kind = f"peak process RSS (maxrss), of which Python + torch alone: {megabytes(baseline)}"
-    print(f"## Training throughput (forward + backward + AdamW step), {hardware_line(device)}\n")
+    print(f"## Training throughput (forward + backward + clipping + AdamW step), {hardware_line(device)}\n")
     print(f"{IMG_SIZE}x{IMG_SIZE} inputs, random data; img/s: median (min-max) of {args.steps} timed steps "
-          f"after {args.warmup} warm-up; peak memory: {memory_kind}\n")
-    print_header(["model", "params", "GFLOPs/img", "counted", "batch", "dtype", "compile", "img/s", "vs ViT",
-                  "peak memory"])
-    vit_speeds = {}
+          f"after {args.warmup} warm-up, each preset and its ViT in turns within one process; peak memory: "
+          f"{memory_kind}, of each model in a 2-step pass in its own process\n")
+    print(f"matmul peak ({size}x{size} @ {size}x{size}, median of {PEAK_REPEATS} after {PEAK_WARMUP} warm-up): "
+          + ", ".join(f"{dtype} {figures(peak / 1e12)} TFLOP/s" for dtype, peak in peaks.items())
+          + f"; % of peak: {TRAINING_FLOPS_PER_FORWARD} x GFLOPs/img (forward + backward) x img/s over the "
+          f"peak of the row's dtype\n")
+    print_header(["model", "params", "GFLOPs/img", "counted", "batch", "dtype", "compile", "img/s", "% of peak",
+                  "vs ViT", "peak memory"])
+
+
+def training_table(args, device):
+    size = PEAK_MATMUL_SIZE.get(device.type, PEAK_MATMUL_SIZE["cpu"])
+    peaks = {dtype: matmul_peak_flops(dtype, device, size) for dtype in args.dtypes}
+    print_training_header(args, device, size, peaks)
+    memory = {}  # (model label, dtype, compiled) -> memory pass; presets of one width and depth share a ViT
     for preset in args.model:
-        vit = ("vit", yardstick_arch(preset))
+        vil, vit = ("vil", preset), ("vit", yardstick_arch(preset))
         for dtype in args.dtypes:
             for compiled in args.compile_modes:
-                key = (model_label(vit), dtype, compiled)
-                if key not in vit_speeds:  # presets of the same width and depth share one ViT row
-                    vit_speeds[key], cells = training_row(vit, dtype, compiled, args, device)
-                    print_row(cells[:-1] + ["1.00"] + cells[-1:])
-                speed, cells = training_row(("vil", preset), dtype, compiled, args, device)
-                print_row(cells[:-1] + [f"{speed / vit_speeds[key]:.2f}"] + cells[-1:])
+                for spec in (vit, vil):
+                    key = (model_label(spec), dtype, compiled)
+                    if key not in memory:
+                        memory[key] = memory_pass(spec, dtype, compiled, args, device)
+                speeds = in_fresh_process(measure_in_turns, [vil, vit], args.batch_size, str(device), dtype,
+                                          compiled, args.steps, args.warmup)
+                vit_speed = statistics.median(speeds[model_label(vit)])
+                for spec in (vit, vil):
+                    print_row(training_cells(spec, memory[(model_label(spec), dtype, compiled)],
+                                             speeds[model_label(spec)], vit_speed, dtype, compiled, args,
+                                             peaks[dtype]))
     print()
 
 
@@ -409,19 +492,17 @@ def block_table(args, device):
         def projections():  # the matmuls of the pair's up- and down-projections, nothing else
             return sum(block.layer.proj_up(x).sum() + block.layer.proj_down(inner).sum() for block in pair)
 
-        candidates = {"ViL block pair": lambda: pair(x).sum(), "ViT block": lambda: vit_block(x).sum(),
-                      "ViL pair: projections only": projections}
-        seconds = {name: [] for name in candidates}
-        for turn in range(args.warmup + args.steps):
-            for name, loss_fn in candidates.items():
-                synchronize(device)
-                start = time.perf_counter()
+        def forward_backward(loss_fn):
+            def step():
                 with autocast(device, autocast_dtype):
                     loss = loss_fn()
                 loss.float().backward()
-                synchronize(device)
-                if turn >= args.warmup:
-                    seconds[name].append(time.perf_counter() - start)
+            return step
+
+        candidates = {"ViL block pair": lambda: pair(x).sum(), "ViT block": lambda: vit_block(x).sum(),
+                      "ViL pair: projections only": projections}
+        seconds = timed_in_turns({name: forward_backward(loss_fn) for name, loss_fn in candidates.items()},
+                                 args.steps, args.warmup, device)
         vit_ms = 1000 * statistics.median(seconds["ViT block"])
         for name, times in seconds.items():
             median = 1000 * statistics.median(times)

@@ -1,7 +1,10 @@
-"""Properties of bench.py's yardstick and its block timing: the ViT counts its own FLOPs as torch
-counts them, matches a preset's width and half its depth, and the block table times what it says."""
+"""Properties of bench.py: the ViT yardstick counts its own FLOPs as torch counts them and matches
+a preset's width and half its depth; timing in turns alternates the functions and times each call
+alone; the training step clips as training.py does; "% of peak" is 3 x forward FLOPs x img/s over
+the peak; the training table and the block table time what they say."""
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -36,3 +39,61 @@ def test_block_table_times_a_vil_pair_a_vit_block_and_the_projections(capsys):
         assert float(row[3]) == pytest.approx(median / medians[1], abs=0.01 + 0.05 * median / medians[1])
     # the projections are part of the pair's work
     assert medians[2] < medians[0]
+
+
+def test_timed_in_turns_alternates_the_functions_and_times_each_call_alone(monkeypatch):
+    clock, calls = [0.0], []
+
+    def step(name, seconds):  # a fake step: records its call and advances a fake clock
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+        return fn
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    seconds = bench.timed_in_turns({"vil": step("vil", 1.0), "vit": step("vit", 10.0)}, steps=3, warmup=2,
+                                   device=torch.device("cpu"))
+    assert calls == ["vil", "vit"] * 5  # warm-up turns included, in the same alternation
+    assert seconds == {"vil": [1.0] * 3, "vit": [10.0] * 3}  # timed turns only, each window its own call
+
+
+def test_fraction_of_peak_is_three_forward_passes_per_image_over_the_peak():
+    assert bench.training_flops_per_image(2e9) == 6e9
+    # 6 GFLOP per image x 100 img/s = 0.6 TFLOP/s, over a 1.2 TFLOP/s peak
+    assert bench.fraction_of_peak(2e9, 100, 1.2e12) == pytest.approx(0.5)
+    assert bench.fraction_of_peak(2e9, 200, 1.2e12) == pytest.approx(2 * bench.fraction_of_peak(2e9, 100, 1.2e12))
+
+
+def test_matmul_peak_is_a_finite_positive_rate_in_each_dtype():
+    for dtype in bench.AUTOCAST_DTYPES:
+        peak = bench.matmul_peak_flops(dtype, torch.device("cpu"), size=64, repeats=2, warmup=1)
+        assert math.isfinite(peak) and peak > 0
+
+
+def test_train_step_clips_the_gradient_norm(monkeypatch):
+    monkeypatch.setattr(bench, "GRAD_CLIP", 1e-3)  # far below any gradient norm of a fresh model
+    torch.manual_seed(0)
+    vit = bench.build_model(("vit", bench.yardstick_arch("vil-seed")))
+    bench.make_train_step(vit, 4, "fp32", torch.device("cpu"))()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in vit.parameters()]))
+    assert norm.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE", {"cpu": 256})  # the peak of a small matmul: quick
+    args = argparse.Namespace(model=["vil-seed"], dtypes=["fp32"], compile_modes=[False], batch_size=4, steps=2,
+                              warmup=1)
+    bench.training_table(args, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "matmul peak" in out and "TFLOP/s" in out
+    columns = next(line for line in out.splitlines() if line.startswith("| model |")).strip("| ").split(" | ")
+    rows = [dict(zip(columns, line.strip("| ").split(" | "))) for line in out.splitlines()
+            if line.startswith("| vit-") or line.startswith("| vil-seed |")]
+    assert [row["model"] for row in rows] == ["vit-d192x2", "vil-seed"]
+    vit_speed, vil_speed = (float(row["img/s"].split()[0]) for row in rows)
+    ratio = float(rows[1]["vs ViT"])
+    assert rows[0]["vs ViT"] == "1.00"
+    assert math.isfinite(ratio) and ratio > 0
+    assert ratio == pytest.approx(vil_speed / vit_speed, abs=0.01 + 0.05 * ratio)  # medians rounded in the table
+    for row in rows:
+        assert float(row["% of peak"].rstrip("%")) > 0 and row["peak memory"].endswith(" MB")
