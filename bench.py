@@ -1,14 +1,16 @@
 """Benchmarks for Vision-LSTM: training throughput and peak memory of a preset beside a plain ViT,
 the cost of the three mLSTM forms as the sequence grows, and the speed of the data pipeline.
 
-    python bench.py                        # training table: vil-t beside its ViT, batch 64, every
+    python bench.py train                  # training table: vil-t beside its ViT, batch 64, every
                                            # dtype (and eager + compiled) that suits the device
-    python bench.py --model vil-t --batch-size 64 --device cpu --dtypes fp32 bf16 --steps 10 --warmup 3
-    python bench.py --model vil-t vil-s --device cuda --dtypes bf16 --compile
-    python bench.py --forms                # parallel / chunkwise / recurrent mLSTM, S = 64 .. 4096
-    python bench.py --data                 # DeviceLoader images/s, all augmentations, vs vil-seed training
-    python bench.py --profile --model vil-t  # top ops of one training step, ViL and its ViT
-    python bench.py --block                # one pair of ViL blocks beside one ViT block, timed in turns
+    python bench.py train --model vil-t --batch-size 64 --device cpu --dtypes fp32 bf16 --steps 10 --warmup 3
+    python bench.py train --model vil-t vil-s --device cuda --dtypes bf16 --compile
+    python bench.py block                  # one pair of ViL blocks beside one ViT block, timed in turns
+    python bench.py forms                  # parallel / chunkwise / recurrent mLSTM, S = 64 .. 4096
+    python bench.py data                   # DeviceLoader images/s, all augmentations, vs vil-seed training
+    python bench.py profile --model vil-t  # top ops of one training step, ViL and its ViT
+    python bench.py train -h               # a subcommand's options; with no subcommand, bench.py prints
+                                           # this help and runs nothing
 
 Training throughput is one optimisation step as training.py takes it (autocast forward,
 cross-entropy with label smoothing 0.1 on float32 logits, zero_grad, backward, gradient clipping to
@@ -28,9 +30,9 @@ column: matmuls and convolutions, 2 per multiply-add; the backward pass taken as
 the usual rule), times the img/s. The peak is measured before the table: one plain square matmul
 (2048 on CPU, 4096 on CUDA) in fp32, or in bf16 on bf16 tensors for bf16 rows, median of a few
 repeats after a warm-up, printed in the header in TFLOP/s.
---compile adds rows with the models wrapped in torch.compile (compiled during the warm-up; the
+train --compile adds rows with the models wrapped in torch.compile (compiled during the warm-up; the
 optimizer step stays eager).
---block times one pair of ViL blocks (both directions) beside one ViT block, forward + backward,
+block times one pair of ViL blocks (both directions) beside one ViT block, forward + backward,
 and the pair's up- and down-projections alone, in turns within one process, as the table does.
 
 The yardstick is a plain ViT of the preset's width and about its FLOPs: a ViT block costs about
@@ -56,8 +58,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from data import DATASETS, Augment, DeviceLoader
+from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
+from model import PRESETS, ViLConfig, create_model
 from utils import autocast
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: plain fp32, no autocast
@@ -70,15 +76,18 @@ TRAINING_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the inputs an
 PEAK_MATMUL_SIZE = {"cpu": 2048, "cuda": 4096}
 PEAK_REPEATS, PEAK_WARMUP = 5, 2
 
-# --forms: one mLSTM layer of vil-t (inner width 384 over 4 heads); batch 1 keeps the parallel
+# forms: one mLSTM layer of vil-t (inner width 384 over 4 heads); batch 1 keeps the parallel
 # form's (S, S) matrices at S = 4096 within a shared machine's memory
 FORMS_LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096]
 FORMS_BATCH, FORMS_HEADS, FORMS_HEAD_DIM, FORMS_CHUNK_SIZE = 1, 4, 96, 64
 RECURRENT_MAX_LENGTH = 1024  # one Python step per token (~0.7 s forward + backward at 1024 on 2 CPU cores)
 
-# --data: the loader at the training batch size of the seed README, on synthetic CIFAR-shaped
+# data: the loader at the training batch size of the seed README, on synthetic CIFAR-shaped
 # uint8 images (the augmentations' cost does not depend on the pixel values)
 DATA_BATCH_SIZE, DATA_NUM_IMAGES, DATA_MODEL, DATA_TARGET_RATIO = 256, 10240, "vil-seed", 10
+# every augmentation on: crop, flip, RandAugment(2, 9), random erasing, mixup and cutmix
+DATA_AUGMENT = Augment(crop_padding=4, flip=True, policy="randaugment", erasing_prob=0.25, mixup_alpha=0.8,
+                       cutmix_alpha=1.0)
 
 
 # ----------------------------------------------------------------------------- the yardstick ViT
@@ -143,7 +152,6 @@ class ViT(nn.Module):
 
 def yardstick_arch(preset):
     """The ViT keyword arguments that match a ViL preset's width, patch, input and FLOPs."""
-    from model import PRESETS, ViLConfig
     config = ViLConfig(**PRESETS[preset])
     return dict(dim=config.dim, depth=max(1, config.depth // 2), patch_size=config.patch_size,
                 img_size=(IMG_SIZE, IMG_SIZE), in_chans=IN_CHANS, num_classes=NUM_CLASSES)
@@ -155,7 +163,6 @@ def build_model(spec):
     kind, what = spec
     if kind == "vit":
         return ViT(**what)
-    from model import create_model
     return create_model(what, num_classes=NUM_CLASSES, in_chans=IN_CHANS, img_size=IMG_SIZE)
 
 
@@ -400,7 +407,6 @@ def time_form(form, length, dtype, args, device):
 
 
 def forms_table(args, device):
-    from mlstm import chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
     forms = [("parallel", parallel_mlstm),
              ("chunkwise", lambda *tensors: chunkwise_mlstm(*tensors, chunk_size=FORMS_CHUNK_SIZE)),
              ("recurrent", recurrent_mlstm)]
@@ -426,13 +432,12 @@ def measure_loader(device, steps, warmup):
     """Runs in a fresh process. -> images/s per timed batch of the DeviceLoader with the "strong"
     recipe (crop, flip, RandAugment, erasing, mixup/cutmix: every augmentation on), over synthetic
     CIFAR-shaped uint8 images."""
-    from data import DATASETS, DeviceLoader, augment_recipe
     device = torch.device(device)
     info = DATASETS["cifar10"]
     images = torch.randint(0, 256, (DATA_NUM_IMAGES, IN_CHANS, IMG_SIZE, IMG_SIZE), dtype=torch.uint8)
     labels = torch.randint(0, info.num_classes, (DATA_NUM_IMAGES,))
     loader = DeviceLoader(images, labels, DATA_BATCH_SIZE, num_classes=info.num_classes, mean=info.mean,
-                          std=info.std, train=True, augment=augment_recipe("strong"), device=device)
+                          std=info.std, train=True, augment=DATA_AUGMENT, device=device)
 
     def every_batch():  # as many epochs as the timing needs
         epoch = 0
@@ -446,7 +451,7 @@ def measure_loader(device, steps, warmup):
 
 
 def data_table(args, device):
-    dtype, compiled = args.dtypes[-1], args.compile_modes[-1]
+    dtype, compiled = args.dtype, args.compile
     loader_speeds = in_fresh_process(measure_loader, str(device), args.steps, args.warmup)
     training = in_fresh_process(measure_training, ("vil", DATA_MODEL), DATA_BATCH_SIZE, str(device), dtype,
                                 compiled, args.steps, args.warmup)
@@ -470,10 +475,8 @@ def block_table(args, device):
     pair's counterpart in the training table), and of the pair's up- and down-projections alone.
     The three are timed in turns within one process, so that a shared machine's drift touches them
     alike and their ratios hold even when the absolute times wander."""
-    from mlstm import ViLBlock
-    from model import PRESETS, ViLConfig
-    autocast_dtype = AUTOCAST_DTYPES[args.dtypes[0]]
-    print(f"## One block forward + backward, ms, {args.dtypes[0]}, {hardware_line(device)}\n")
+    autocast_dtype = AUTOCAST_DTYPES[args.dtype]
+    print(f"## One block forward + backward, ms, {args.dtype}, {hardware_line(device)}\n")
     print(f"batch {args.batch_size} of {IMG_SIZE}x{IMG_SIZE} images as tokens; median (min-max) of {args.steps} "
           f"turns after {args.warmup} warm-up\n")
     print_header(["preset", "what", "ms", "vs ViT block"])
@@ -513,68 +516,99 @@ def block_table(args, device):
 
 def profile_table(args, device):
     """Top ops by self time of one training step of each preset and of its ViT."""
-    from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for preset in args.model:
         for spec in [("vil", preset), ("vit", yardstick_arch(preset))]:
             model = build_model(spec).to(device)
-            step = make_train_step(model, args.batch_size, args.dtypes[0], device)
+            step = make_train_step(model, args.batch_size, args.dtype, device)
             timed_windows(step, 0, args.warmup, device)
             with profile(activities=activities) as profiler:
                 step()
                 synchronize(device)
             print(f"## Profile of one training step: {model_label(spec)}, batch {args.batch_size}, "
-                  f"{args.dtypes[0]}, {hardware_line(device)}\n")
+                  f"{args.dtype}, {hardware_line(device)}\n")
             print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
 
 
-def parse_args():
+def at_least(minimum):
+    """An argparse type: an integer of at least minimum."""
+    def integer(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return integer
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["vil-t"], help="ViL presets, each beside its ViT")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", choices=list(AUTOCAST_DTYPES),
-                        help="fp32 and/or bf16 autocast (default: fp32 on CPU, fp32 bf16 on CUDA)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                        help="also measure torch.compile'd models (default: yes on CUDA, no on CPU)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (windows) per measurement")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    parser.add_argument("--forms", action="store_true", help="time the three mLSTM forms instead")
-    parser.add_argument("--data", action="store_true", help="time the data pipeline instead")
-    parser.add_argument("--profile", action="store_true", help="profile one training step instead")
-    parser.add_argument("--block", action="store_true",
-                        help="time one pair of ViL blocks beside one ViT block (forward + backward) instead")
-    args = parser.parse_args()
-    from model import PRESETS
-    unknown = [name for name in args.model if name not in PRESETS]
-    if unknown:
-        parser.error(f"unknown --model {' '.join(unknown)}; choose from {', '.join(PRESETS)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda asked for but torch sees no CUDA device; use --device cpu")
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-        parser.error("--steps and --batch-size must be at least 1, --warmup at least 0")
+    # the options of every subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--steps", type=at_least(1), default=10, help="timed steps (windows) per measurement")
+    common.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps before them")
+    # the options of the subcommands that build presets
+    presets = argparse.ArgumentParser(add_help=False)
+    presets.add_argument("--model", nargs="+", choices=list(PRESETS), default=["vil-t"], metavar="PRESET",
+                         help=f"ViL presets, each beside its ViT ({', '.join(PRESETS)})")
+    presets.add_argument("--batch-size", type=at_least(1), default=64)
+    dtypes = dict(nargs="+", choices=list(AUTOCAST_DTYPES),
+                  help="fp32 and/or bf16 autocast (default: fp32 on CPU, fp32 bf16 on CUDA)")
+    dtype = dict(choices=list(AUTOCAST_DTYPES), default="fp32", help="plain fp32 or bf16 autocast")
+
+    commands = parser.add_subparsers(dest="command", title="subcommands")
+    train_command = commands.add_parser("train", parents=[common, presets],
+                                        help="training throughput and peak memory of each preset beside its ViT")
+    train_command.add_argument("--dtypes", **dtypes)
+    train_command.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                               help="also measure torch.compile'd models (default: yes on CUDA, no on CPU)")
+    train_command.set_defaults(table=training_table)
+    block_command = commands.add_parser("block", parents=[common, presets],
+                                        help="one pair of ViL blocks beside one ViT block, forward + backward")
+    block_command.add_argument("--dtype", **dtype)
+    block_command.set_defaults(table=block_table)
+    forms_command = commands.add_parser("forms", parents=[common],
+                                        help="parallel / chunkwise / recurrent mLSTM against the sequence length")
+    forms_command.add_argument("--dtypes", **dtypes)
+    forms_command.set_defaults(table=forms_table)
+    data_command = commands.add_parser("data", parents=[common],
+                                       help=f"DeviceLoader images/s, every augmentation on, against {DATA_MODEL} "
+                                            "training")
+    data_command.add_argument("--dtype", choices=list(AUTOCAST_DTYPES),
+                              help=f"of the {DATA_MODEL} training (default: fp32 on CPU, bf16 on CUDA)")
+    data_command.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                              help=f"torch.compile the {DATA_MODEL} training (default: yes on CUDA, no on CPU)")
+    data_command.set_defaults(table=data_table)
+    profile_command = commands.add_parser("profile", parents=[common, presets],
+                                          help="top ops of one training step of each preset and of its ViT")
+    profile_command.add_argument("--dtype", **dtype)
+    profile_command.set_defaults(table=profile_table)
+
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        parser.exit(2)
+    command = commands.choices[args.command]
     on_cuda = args.device.startswith("cuda")
-    args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
-    args.compile_modes = [False, True] if (on_cuda if args.compile is None else args.compile) else [False]
-    if True in args.compile_modes and args.warmup < 1:
-        parser.error("--compile needs --warmup of at least 1: the first step compiles")
+    if on_cuda and not torch.cuda.is_available():
+        command.error("--device cuda asked for but torch sees no CUDA device; use --device cpu")
+    if args.command in ("train", "forms"):
+        args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
+    if args.command == "train":
+        args.compile_modes = [False, True] if (on_cuda if args.compile is None else args.compile) else [False]
+    if args.command == "data":
+        args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
+        args.compile = on_cuda if args.compile is None else args.compile
+    compiles = True in args.compile_modes if args.command == "train" else args.command == "data" and args.compile
+    if compiles and args.warmup < 1:
+        command.error("--compile needs --warmup of at least 1: the first step compiles")
     return args
 
 
 def main():
     args = parse_args()
-    device = torch.device(args.device)
-    if not (args.forms or args.data or args.profile or args.block):
-        training_table(args, device)
-    if args.block:
-        block_table(args, device)
-    if args.forms:
-        forms_table(args, device)
-    if args.data:
-        data_table(args, device)
-    if args.profile:
-        profile_table(args, device)
+    args.table(args, torch.device(args.device))
 
 
 if __name__ == "__main__":

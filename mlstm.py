@@ -4,7 +4,10 @@ First the maths over plain tensors, in three exact forms of the same function:
     parallel_mlstm   quadratic in S, what ViL trains with at short token sequences
     chunkwise_mlstm  linear in S (parallel inside chunks, a carried state between them)
     recurrent_mlstm  the step-by-step recurrence, the reference
-then the modules that own parameters: MLSTMCell, ViLLayer, DropPath, ViLBlock.
+then the modules that own parameters: BlockDiagonalLinear, MLSTMCell, ViLLayer, DropPath, ViLBlock.
+ViLLayer.forward is the fast path the model runs; reference_vil_layer, beside it, is the same layer
+written out plainly (part 4 with dense matrices, the gates from [q, k, v], recurrent_mlstm), and the
+tests hold the one to the other, forward and every parameter gradient.
 Two autograd Functions carry the speed work of the training path, each with its gradient written
 out and tested against autograd on the plain formulation: ParallelMLSTM (the parallel form, four
 passes over the S x S matrices in the backward instead of about twenty) and GroupsToHeads (the
@@ -34,8 +37,10 @@ cancels in float32). The chunkwise form runs this inside chunks of L tokens and 
 (3) The cell (MLSTMCell). Two linear maps from [q, k, v] (width 3 inner) to NH outputs give the
 gates, igate = W_i [q, k, v] + b_i and fgate = W_f [q, k, v] + b_f; after the recurrence, each head
 is normalised on its own (a per-head LayerNorm), then scaled (and shifted, with norm_bias) by
-learnable per-channel vectors. Init: W_f = 0, b_f = linspace(3, 6) over the heads (forget gates
-start near 1: long memory), W_i = 0, b_i ~ N(0, 0.1).
+learnable per-channel vectors. The cell owns the gate maps; ViLLayer applies them folded into its
+q/k/v matmuls (ViLLayer._qkv_and_gates), and the cell runs the recurrence and the norm.
+Init: W_f = 0, b_f = linspace(3, 6) over the heads (forget gates start near 1: long memory),
+W_i = 0, b_i ~ N(0, 0.1).
 
 (4) The ViL block (ViLBlock, ViLLayer); D model width, inner = expansion * D (expansion 2):
     block(x) = x + DropPath(layer(LayerNorm(x)))
@@ -96,6 +101,21 @@ def _log_decay_matrix(log_forget, igate):
     return torch.where(on_or_below, segment + igate.unsqueeze(-2), -math.inf)
 
 
+def _decayed_scores(q, k, v, log_d, m):
+    """The parallel form (part 2) from log D and the row stabiliser m, up to the normalisation.
+
+    q, k, v: (..., L, DH); log_d: (..., L, L) and m: (..., L, 1) in the gate dtype. Returns the
+    decay D' = exp(log D - m) / sqrt(DH) and the scores C = (q k^T) * D', both (..., L, L), the
+    numerator C v: (..., L, DH) and dot = sum_s C[:, s]: (..., L, 1).
+    """
+    # 1/sqrt(DH) on the keys is folded into the decay: exp(log D - m - log sqrt(DH))
+    decay = torch.exp(log_d - (m + 0.5 * math.log(q.shape[-1])))
+    c = (q @ k.transpose(-1, -2)) * decay
+    numerator = c.to(v.dtype) @ v
+    dot = c.sum(-1, keepdim=True)
+    return decay, c, numerator, dot
+
+
 def _chunk(q, k, v, igate, log_forget, state, eps, need_state):
     """The parallel form on one chunk, plus the contribution of a carried state.
 
@@ -113,11 +133,7 @@ def _chunk(q, k, v, igate, log_forget, state, eps, need_state):
         # terms, so no cancellation
         log_state = (log_forget.cumsum(-1) + state_m.unsqueeze(-1)).unsqueeze(-1)  # (B, NH, L, 1)
         m = torch.maximum(m, log_state)
-    # 1/sqrt(DH) on the keys is folded into the decay: exp(log D - m - log sqrt(DH))
-    decay = torch.exp(log_d - (m + 0.5 * math.log(head_dim)))
-    c = (q @ k.transpose(-1, -2)) * decay  # (B, NH, L, L)
-    numerator = c.to(v.dtype) @ v  # (B, NH, L, DH)
-    dot = c.sum(-1, keepdim=True)  # (B, NH, L, 1)
+    _, _, numerator, dot = _decayed_scores(q, k, v, log_d, m)  # (B, NH, L, DH), (B, NH, L, 1)
     if state is not None:
         state_weight = torch.exp(log_state - m)  # (B, NH, L, 1)
         q_scaled = q * (state_weight / math.sqrt(head_dim)).to(q.dtype)
@@ -160,14 +176,9 @@ class ParallelMLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, igate, log_forget, eps):
-        head_dim = q.shape[-1]
         log_d = _log_decay_matrix(log_forget, igate)  # (..., S, S)
         m, argmax = log_d.max(-1, keepdim=True)  # (..., S, 1)
-        # 1/sqrt(DH) on the keys is folded into the decay: exp(log D - m - log sqrt(DH))
-        decay = log_d.sub_(m + 0.5 * math.log(head_dim)).exp_()  # (..., S, S), in place of log D
-        c = (q @ k.transpose(-1, -2)) * decay  # (..., S, S) in the gate dtype
-        numerator = c.to(v.dtype) @ v  # (..., S, DH)
-        dot = c.sum(-1, keepdim=True)  # (..., S, 1)
+        decay, c, numerator, dot = _decayed_scores(q, k, v, log_d, m)  # c, decay: (..., S, S) in the gate dtype
         ctx.save_for_backward(q, k, v, c, decay, numerator, dot, m, argmax)
         ctx.eps = eps
         return _normalise(numerator, dot, m, eps)
@@ -291,8 +302,8 @@ class BlockDiagonalLinear(nn.Module):
     """A linear map width -> width whose matrix is block-diagonal with block_size x block_size
     blocks (the q/k/v maps of the mLSTM layer): width * block_size weights instead of width^2.
 
-    forward(x: (..., width)) -> (..., width). ViLLayer does not call it: it runs the q/k/v maps and
-    the gates together from grouped_weight (see ViLLayer._qkv_and_gates).
+    It owns the parameters; ViLLayer._qkv_and_gates applies them from grouped_weight, together with
+    the gates, and reference_vil_layer as the dense matrix.
     """
 
     def __init__(self, width, block_size, bias=True):
@@ -317,11 +328,9 @@ class BlockDiagonalLinear(nn.Module):
         mask = torch.eye(per_group, dtype=weight.dtype, device=weight.device)[:, None, :, None]
         return (weight * mask).reshape(num_blocks // per_group, group_width, group_width)
 
-    def forward(self, x):
-        weight = self.grouped_weight(self.block_size)  # (blocks, out, in)
-        blocks = x.reshape(-1, weight.shape[0], self.block_size).transpose(0, 1)  # (blocks, tokens, size)
-        out = torch.bmm(blocks, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
-        return out if self.bias is None else out + self.bias
+    def dense_weight(self):
+        """(width, width) as (out, in): the whole block-diagonal matrix, zeros outside the blocks."""
+        return torch.block_diag(*self.weight)
 
 
 class GroupsToHeads(torch.autograd.Function):
@@ -364,10 +373,10 @@ class GroupsToHeads(torch.autograd.Function):
 
 
 class MLSTMCell(nn.Module):
-    """Gates from [q, k, v], the mLSTM recurrence in one of its three forms, a per-head LayerNorm
-    (module docstring, part 3).
+    """The mLSTM recurrence in one of its three forms and a per-head LayerNorm (module docstring,
+    part 3); it owns the gate maps from [q, k, v], which ViLLayer._qkv_and_gates applies.
 
-    forward(q, k, v: (B, S, inner)) -> (B, S, inner).
+    forward(q, k, v: (B, NH, S, DH), igate, fgate: (B, NH, S)) -> (B, S, inner).
     """
 
     def __init__(self, inner_dim, num_heads, form="parallel", chunk_size=64, norm_bias=True):
@@ -400,22 +409,7 @@ class MLSTMCell(nn.Module):
         """(2 NH, 3 inner) weight and (2 NH,) bias: the input gate map stacked on the forget gate map."""
         return torch.cat([self.igate.weight, self.fgate.weight]), torch.cat([self.igate.bias, self.fgate.bias])
 
-    def forward(self, q, k, v):
-        """q, k, v: (B, S, inner) -> (B, S, inner), the gates computed from [q, k, v]."""
-        batch, seq_len, inner = q.shape
-        # gate pre-activations in float32 even under autocast: they are summed in log space.
-        # W [q, k, v] is computed as Wq q + Wk k + Wv v, which saves concatenating q, k and v.
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            dtype = _gate_dtype(q)
-            weight, bias = self.gate_weights()
-            weight_q, weight_k, weight_v = weight.to(dtype).split(inner, dim=1)
-            gates = (F.linear(q.to(dtype), weight_q) + F.linear(k.to(dtype), weight_k)
-                     + F.linear(v.to(dtype), weight_v, bias.to(dtype)))  # (B, S, 2 NH)
-        igate, fgate = gates.transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
-        q, k, v = (x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2) for x in (q, k, v))  # (B, NH, S, DH)
-        return self.mix(q, k, v, igate, fgate)
-
-    def mix(self, q, k, v, igate, fgate):
+    def forward(self, q, k, v, igate, fgate):
         """The recurrence and the per-head norm, given the gates.
 
         q, k, v: (B, NH, S, DH); igate, fgate: (B, NH, S) pre-activations. Returns (B, S, inner).
@@ -441,7 +435,8 @@ class ViLLayer(nn.Module):
     """The mLSTM layer of a ViL block (module docstring, part 4), reading the tokens in one direction.
 
     dim: model width D; reverse: read bottom-right to top-left; patch_grid: (rows, cols) of the
-    token grid, needed by the "2d" conv. forward(x: (B, S, D)) -> (B, S, D).
+    token grid, needed by the "2d" conv. forward(x: (B, S, D)) -> (B, S, D): the fast path the model
+    runs; reference_vil_layer below is the same function written out plainly.
     """
 
     def __init__(self, dim, reverse, patch_grid, conv_kind="2d", mlstm_form="parallel", chunk_size=64,
@@ -512,8 +507,8 @@ class ViLLayer(nn.Module):
         x_conv, x_mlstm: (B, S, inner). The gates are a linear map G of [q, k, v] (module
         docstring, part 3). Folded through the q/k/v maps, G [q, k, v] = (G_q Wq + G_k Wk) x_conv + G_v Wv x_mlstm
         + G [bq, bk, bv] + b_gate, so each group's matmul yields its share of the gates beside its
-        q and k (or v) outputs. The same function of the same parameters as self.cell(q, k, v),
-        without its three matmuls over q, k and v with outputs only 2 NH wide.
+        q and k (or v) outputs, without three more matmuls over q, k and v with outputs only 2 NH
+        wide. reference_vil_layer computes q, k, v and then the gates from their concatenation.
         """
         batch, seq_len, inner = x_conv.shape
         width, heads = self.group_width, self.cell.num_heads
@@ -540,8 +535,8 @@ class ViLLayer(nn.Module):
             out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm)
             gate_bias = gate_bias + gate_weight @ torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         # the gate shares summed over the groups in float32 (float64 for float64 inputs); under autocast
-        # each share comes from a bf16 matmul, as q, k and v do (the plain cell's gate map reads those
-        # bf16 q, k, v in float32: about the same rounding)
+        # each share comes from a bf16 matmul, as q, k and v do (a gate map applied afterwards to those
+        # bf16 q, k, v in float32 would round about the same)
         dtype = _gate_dtype(x_conv)
         q, k, gates_conv = GroupsToHeads.apply(out_conv, width, 2, heads, batch, dtype)
         v, gates_mlstm = GroupsToHeads.apply(out_mlstm, width, 1, heads, batch, dtype)
@@ -559,10 +554,52 @@ class ViLLayer(nn.Module):
         x_mlstm = F.linear(x, weight_mlstm, bias_mlstm)  # (B, S, inner)
         z = F.linear(x, weight_z, bias_z)
         x_conv = F.silu(self._conv(x_mlstm))
-        h = self.cell.mix(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
+        h = self.cell(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
         h = torch.addcmul(h, self.skip.to(h.dtype), x_conv) * F.silu(z)  # (B, S, inner), in h's dtype
         out = self.proj_down(h)
         return out.flip(1) if self.reverse else out
+
+
+def reference_vil_layer(layer, x):
+    """ViLLayer.forward written out plainly from the layer's own parameters (module docstring,
+    parts 3 and 4): dense block-diagonal q/k/v matrices, the gates from the concatenation [q, k, v],
+    the recurrence step by step (recurrent_mlstm), an explicit per-head normalisation. The reference
+    the tests hold the fast path to; slow.
+
+    layer: a ViLLayer; x: (B, S, D) -> (B, S, D).
+    """
+    batch, seq_len, _ = x.shape
+    if layer.reverse:
+        x = x.flip(1)
+    x_mlstm, z = F.linear(x, layer.proj_up.weight, layer.proj_up.bias).chunk(2, dim=-1)  # (B, S, inner) each
+    inner = x_mlstm.shape[-1]
+    channels_first = x_mlstm.transpose(1, 2)  # (B, inner, S)
+    if layer.conv_kind == "2d":
+        grid = channels_first.reshape(batch, inner, *layer.patch_grid)
+        conv = F.conv2d(grid, layer.conv.weight, layer.conv.bias, padding=1, groups=inner).flatten(2)
+    else:
+        conv = F.conv1d(F.pad(channels_first, (3, 0)), layer.conv.weight, layer.conv.bias, groups=inner)
+    x_conv = F.silu(conv.transpose(1, 2))  # (B, S, inner)
+
+    def block_diagonal(proj, inputs):
+        out = inputs @ proj.dense_weight().T
+        return out if proj.bias is None else out + proj.bias
+
+    q = block_diagonal(layer.q_proj, x_conv)
+    k = block_diagonal(layer.k_proj, x_conv)
+    v = block_diagonal(layer.v_proj, x_mlstm)
+    cell = layer.cell
+    gate_input = torch.cat([q, k, v], dim=-1)  # (B, S, 3 inner)
+    igate = F.linear(gate_input, cell.igate.weight, cell.igate.bias).transpose(1, 2)  # (B, NH, S)
+    fgate = F.linear(gate_input, cell.fgate.weight, cell.fgate.bias).transpose(1, 2)
+    q, k, v = (t.view(batch, seq_len, cell.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, NH, S, DH)
+    h = recurrent_mlstm(q, k, v, igate, fgate)
+    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    h = h.transpose(1, 2).reshape(batch, seq_len, inner) * cell.norm_weight  # (B, S, inner)
+    h = h if cell.norm_bias is None else h + cell.norm_bias
+    h = (h + layer.skip * x_conv) * F.silu(z)
+    out = F.linear(h, layer.proj_down.weight, layer.proj_down.bias)
+    return out.flip(1) if layer.reverse else out
 
 
 class DropPath(nn.Module):

@@ -1,7 +1,8 @@
 """Properties of bench.py: the ViT yardstick counts its own FLOPs as torch counts them and matches
 a preset's width and half its depth; timing in turns alternates the functions and times each call
 alone; the training step clips as training.py does; "% of peak" is 3 x forward FLOPs x img/s over
-the peak; the training table and the block table time what they say."""
+the peak; the training table and the block table time what they say; each subcommand takes only its
+options."""
 
 import argparse
 import math
@@ -29,7 +30,7 @@ def test_yardstick_has_the_preset_width_and_half_its_blocks():
 
 
 def test_block_table_times_a_vil_pair_a_vit_block_and_the_projections(capsys):
-    args = argparse.Namespace(model=["vil-seed"], dtypes=["fp32"], batch_size=2, steps=2, warmup=1)
+    args = argparse.Namespace(model=["vil-seed"], dtype="fp32", batch_size=2, steps=2, warmup=1)
     bench.block_table(args, torch.device("cpu"))
     rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| vil-seed |")]
@@ -97,3 +98,19 @@ def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monke
     assert ratio == pytest.approx(vil_speed / vit_speed, abs=0.01 + 0.05 * ratio)  # medians rounded in the table
     for row in rows:
         assert float(row["% of peak"].rstrip("%")) > 0 and row["peak memory"].endswith(" MB")
+
+
+def test_each_subcommand_takes_only_its_options(capsys):
+    args = bench.parse_args(["train", "--model", "vil-seed", "--dtypes", "fp32", "--no-compile", "--device", "cpu"])
+    assert args.table is bench.training_table and args.dtypes == ["fp32"] and args.compile_modes == [False]
+    args = bench.parse_args(["data", "--device", "cpu"])
+    assert args.table is bench.data_table and args.dtype == "fp32" and args.compile is False
+    assert bench.parse_args(["block", "--device", "cpu"]).table is bench.block_table
+    for argv in (["forms", "--model", "vil-t"], ["data", "--batch-size", "8"], ["block", "--dtypes", "fp32"],
+                 ["train", "--steps", "0"], ["train", "--model", "vil-x"], ["train", "--compile", "--warmup", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(argv)
+        assert exit_info.value.code == 2, argv
+    with pytest.raises(SystemExit) as exit_info:  # no subcommand: the help, and nothing run
+        bench.parse_args([])
+    assert exit_info.value.code == 2 and "subcommands" in capsys.readouterr().out

@@ -6,10 +6,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mlstm import BlockDiagonalLinear, ViLBlock
-from test_mlstm import naive_mlstm
+from mlstm import BlockDiagonalLinear, ViLBlock, reference_vil_layer
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
 
 SMALL = dict(dim=32, depth=2)  # a fast model for the shape and gradient tests
@@ -198,45 +196,6 @@ def test_model_compiles_without_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def reference_layer(layer, x):
-    """The layer of mlstm.py's module docstring, part 4, written out plainly (dense block-diagonal
-    matrices, concatenated gate input, explicit per-head normalisation), using the layer's own
-    parameters."""
-    batch, seq_len, _ = x.shape
-    if layer.reverse:
-        x = x.flip(1)
-    x_mlstm, z = F.linear(x, layer.proj_up.weight, layer.proj_up.bias).chunk(2, dim=-1)
-    inner = x_mlstm.shape[-1]
-    channels_first = x_mlstm.transpose(1, 2)  # (B, inner, S)
-    if layer.conv_kind == "2d":
-        conv = F.conv2d(channels_first.reshape(batch, inner, *layer.patch_grid), layer.conv.weight,
-                                          layer.conv.bias, padding=1, groups=inner).flatten(2)
-    else:
-        conv = F.conv1d(F.pad(channels_first, (3, 0)), layer.conv.weight,
-                                          layer.conv.bias, groups=inner)
-    x_conv = F.silu(conv.transpose(1, 2))
-
-    def block_diagonal(proj, inputs):
-        out = inputs @ torch.block_diag(*proj.weight).T
-        return out if proj.bias is None else out + proj.bias
-
-    q = block_diagonal(layer.q_proj, x_conv)
-    k = block_diagonal(layer.k_proj, x_conv)
-    v = block_diagonal(layer.v_proj, x_mlstm)
-    cell = layer.cell
-    gate_input = torch.cat([q, k, v], dim=-1)
-    igate = cell.igate(gate_input).transpose(1, 2)  # (B, NH, S)
-    fgate = cell.fgate(gate_input).transpose(1, 2)
-    heads = [t.view(batch, seq_len, cell.num_heads, -1).transpose(1, 2) for t in (q, k, v)]
-    h = naive_mlstm(*heads, igate, fgate)  # (B, NH, S, DH)
-    h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    h = h.transpose(1, 2).reshape(batch, seq_len, inner) * cell.norm_weight
-    h = h if cell.norm_bias is None else h + cell.norm_bias
-    h = (h + layer.skip * x_conv) * F.silu(z)
-    out = F.linear(h, layer.proj_down.weight, layer.proj_down.bias)
-    return out.flip(1) if layer.reverse else out
-
-
 @pytest.mark.parametrize("conv_kind", ["2d", "causal1d"])
 @pytest.mark.parametrize("direction", ViLBlock.DIRECTIONS)
 @pytest.mark.parametrize("dim, proj_bias, norm_bias", [(24, True, True), (64, True, True), (64, False, False)])
@@ -249,42 +208,30 @@ def test_layer_matches_the_design_written_out(conv_kind, direction, dim, proj_bi
     for param in layer.parameters():
         torch.nn.init.normal_(param, std=0.5)
     x = torch.randn(2, 12, dim, dtype=torch.float64, requires_grad=True)
-    out, expected = layer(x), reference_layer(layer, x)
+    out, expected = layer(x), reference_vil_layer(layer, x)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     cotangent = torch.randn_like(out)
     inputs = [x, *layer.parameters()]
     grads = torch.autograd.grad(out, inputs, cotangent)
     expected_grads = torch.autograd.grad(expected, inputs, cotangent)
     names = ["x"] + [name for name, _ in layer.named_parameters()]
-    # the reference runs the naive loop, the layer the parallel form: their gradients agree to rounding
+    # the reference runs the recurrence, the layer the parallel form: their gradients agree to rounding
     # (about 1e-9 norm-wise here, where weights of std 0.5 give large gates); a wrong fold is off by O(1)
     for name, grad, expected_grad in zip(names, grads, expected_grads):
         assert (grad - expected_grad).norm() <= 1e-8 * expected_grad.norm(), name
 
 
-def test_cell_forward_takes_its_gates_from_q_k_v():
-    # MLSTMCell.forward(q, k, v) is the cell of mlstm.py's docstring, part 3, on its own (the layer calls mix)
-    torch.manual_seed(3)
-    layer = ViLBlock(24, "top_left", (3, 4)).double().layer
-    for param in layer.parameters():
-        torch.nn.init.normal_(param, std=0.5)
-    x = torch.randn(2, 12, 24, dtype=torch.float64)
-    x_mlstm, z = layer.proj_up(x).chunk(2, dim=-1)
-    x_conv = F.silu(layer._conv(x_mlstm))
-    h = layer.cell(layer.q_proj(x_conv), layer.k_proj(x_conv), layer.v_proj(x_mlstm))
-    out = layer.proj_down((h + layer.skip * x_conv) * F.silu(z))
-    torch.testing.assert_close(out, layer(x), rtol=1e-10, atol=1e-12)
-
-
-def test_block_diagonal_linear_is_the_block_diagonal_matrix():
+def test_block_diagonal_weights_are_the_block_diagonal_matrix():
     torch.manual_seed(4)
     proj = BlockDiagonalLinear(24, 4).double()
     torch.nn.init.normal_(proj.weight)
-    torch.nn.init.normal_(proj.bias)
-    x = torch.randn(3, 5, 24, dtype=torch.float64)
-    torch.testing.assert_close(proj(x), x @ torch.block_diag(*proj.weight).T + proj.bias)
+    dense = proj.dense_weight()  # (out, in)
+    for block in range(6):  # block i maps input channels 4i..4i+3 to output channels 4i..4i+3, nothing else
+        rows = slice(4 * block, 4 * block + 4)
+        assert torch.equal(dense[rows, rows], proj.weight[block])
+        assert dense[rows].count_nonzero() == proj.weight[block].count_nonzero()
     for width in (4, 8, 12, 24):  # every group is a diagonal piece of the same matrix
-        assert torch.equal(torch.block_diag(*proj.grouped_weight(width)), torch.block_diag(*proj.weight))
+        assert torch.equal(torch.block_diag(*proj.grouped_weight(width)), dense)
 
 
 def test_initialisation_follows_the_published_models():
