@@ -8,7 +8,7 @@ draws, augments and normalises batches there, vectorised over the batch:
     images, labels = load_dataset("cifar10", "./data", train=True)
     info = DATASETS["cifar10"]
     loader = DeviceLoader(images, labels, 256, num_classes=info.num_classes, mean=info.mean,
-                          std=info.std, train=True, augment=augment_recipe("strong"), seed=0)
+                          std=info.std, train=True, augment=Augment(crop_padding=4, flip=True), seed=0)
     for x, y in loader.epoch(0): ...
 """
 
@@ -29,7 +29,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class DataError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Dataset descriptions
+# Datasets: what each one is, and loading a split
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -66,304 +66,6 @@ DATASETS = {
 DATASETS["cifar"] = DATASETS["cifar10"]
 ALIASES = {"cifar": "cifar10"}
 
-# Base URLs tried in order; tests point these at a local server.
-MIRRORS = {
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
-    "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
-    "cifar100": ["https://www.cs.toronto.edu/~kriz/"],
-}
-
-# md5 of every official file, by its path under the data root (tests replace these).
-MD5S = {
-    "MNIST/raw/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "MNIST/raw/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "MNIST/raw/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "MNIST/raw/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-    "FashionMNIST/raw/train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "FashionMNIST/raw/train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-    "FashionMNIST/raw/t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-    "FashionMNIST/raw/t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
-    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
-    "cifar-10-batches-py/batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
-    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
-    "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
-    "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-    "cifar-100-python/meta": "7973b15100ade9c7d40fb424638fde48",
-}
-
-DOWNLOAD_TIMEOUT = 30.0  # seconds without progress before a download is given up
-
-
-@dataclass(frozen=True)
-class _Layout:
-    folder: str              # under the data root
-    train: tuple             # files the training split reads, in order
-    test: tuple
-    archive: str | None      # downloaded into the root and unpacked into `folder`; None: files are downloaded one by one
-
-
-_LAYOUTS = {
-    "mnist": _Layout("MNIST/raw", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), None),
-    "fashion-mnist": _Layout("FashionMNIST/raw", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                             ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), None),
-    "cifar10": _Layout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
-                       "cifar-10-python.tar.gz"),
-    "cifar100": _Layout("cifar-100-python", ("train",), ("test",), "cifar-100-python.tar.gz"),
-}
-
-
-# -----------------------------------------------------------------------------
-# Parsers of the original formats
-
-def read_idx(path, magic):
-    """Read a gzip'd IDX file (MNIST format) -> uint8 tensor of the dimensions in its header.
-    magic: 2051 for images (N, H, W), 2049 for labels (N,). Raises DataError naming the file."""
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}: not a readable gzip file ({e}); it is truncated or corrupt. "
-                        "Delete it so it is downloaded again, or replace it with the official file.") from None
-    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != magic:
-        found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
-        raise DataError(f"{path}: IDX magic number is {found}, expected {magic}; this is not the "
-                        "right file. Replace it with the official file.")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if len(raw) != header + math.prod(dims):
-        raise DataError(f"{path}: IDX header says {dims} ({math.prod(dims)} bytes of data) but the file "
-                        f"holds {len(raw) - header}; it is truncated or corrupt. Delete it so it is "
-                        "downloaded again, or replace it with the official file.")
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy())
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR's files hold (a dict, lists, bytes and numpy arrays), so a wrong file
-    cannot run code."""
-    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self._allowed:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
-        return super().find_class(module, name)
-
-
-def read_cifar_batch(path, label_key=b"labels"):
-    """Read one CIFAR python-pickle batch -> (images uint8 (N, 3, 32, 32), labels int64 (N,)).
-    label_key: b"labels" for CIFAR-10, b"fine_labels" for CIFAR-100. Raises DataError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"])
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, UnicodeDecodeError, MemoryError) as e:
-        raise DataError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {e}); it is truncated, "
-                        "corrupt or the wrong file. Delete it so it is downloaded again, or replace it "
-                        "with the official file.") from None
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path}: expected uint8 data of shape (N, 3072) and N labels, found "
-                        f"{data.dtype} {data.shape} and {len(labels)} labels; this is not the right file.")
-    # (N, 3072) -> (N, 3, 32, 32): the red plane, then green, then blue, each row-major
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
-
-
-# -----------------------------------------------------------------------------
-# File verification, remembered across runs
-
-def _writable(folder):
-    """Whether files may be created in `folder` (or in the nearest existing parent). The mode bits
-    count even for root, who ignores them, so a folder marked read-only is left alone by everyone."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    mode = os.stat(path).st_mode
-    return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-
-
-def verification_cache_path(root):
-    """Where the md5 results for files under `root` are remembered: in the root when it is writable,
-    else in $VIL_CACHE_DIR, $XDG_CACHE_HOME/vision-lstm or ~/.cache/vision-lstm."""
-    if _writable(root):
-        return os.path.join(root, ".vil-verified.json")
-    cache = os.environ.get("VIL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vision-lstm")
-    return os.path.join(cache, "verified.json")
-
-
-def _md5(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path, data):
-    """Write bytes to path through a temporary file and a rename, creating its folder."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _verify(root, relpaths):
-    """Check the md5 of each file (paths relative to root) against MD5S. A file whose path, size and
-    mtime match a remembered good check is not read again. Raises DataError on a mismatch."""
-    cache_path = verification_cache_path(root)
-    try:
-        with open(cache_path) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    changed = False
-    for rel in relpaths:
-        path = os.path.join(root, rel)
-        key = os.path.realpath(path)
-        st = os.stat(path)
-        expected = MD5S[rel]
-        if cache.get(key) == [st.st_size, st.st_mtime_ns, expected]:
-            continue
-        found = _md5(path)
-        if found != expected:
-            raise DataError(f"{path}: md5 is {found}, expected {expected}: the file is truncated, corrupt or "
-                            "not the official one. Delete it so it is downloaded again, or replace it with "
-                            "the official file.")
-        cache[key] = [st.st_size, st.st_mtime_ns, expected]
-        changed = True
-    if changed:
-        try:
-            _atomic_write(cache_path, json.dumps(cache, indent=0).encode())
-        except OSError as e:  # only costs a re-check next time
-            print(f"data: could not remember verified files in {cache_path} ({e})", file=sys.stderr)
-
-
-# -----------------------------------------------------------------------------
-# Download
-
-class _DownloadFailed(Exception):
-    def __init__(self, reason, network):
-        super().__init__(reason)
-        self.network = network  # True when the server could not be reached at all
-
-
-def _download(url, dest, md5):
-    """Download url to dest through a temporary file next to it; dest appears only once the md5 matches."""
-    folder = os.path.dirname(dest)
-    os.makedirs(folder, exist_ok=True)
-    print(f"data: downloading {url} -> {dest}", file=sys.stderr, flush=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}-", suffix=".part")
-    try:
-        digest, received = hashlib.md5(), 0
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
-                expected_size = response.headers.get("Content-Length")
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    f.write(block)
-                    digest.update(block)
-                    received += len(block)
-        except urllib.error.HTTPError as e:
-            raise _DownloadFailed(f"{url}: HTTP {e.code} {e.reason}", network=False) from None
-        except urllib.error.URLError as e:
-            raise _DownloadFailed(f"{url}: {e.reason}", network=True) from None
-        except (http.client.HTTPException, socket.timeout, OSError) as e:
-            raise _DownloadFailed(f"{url}: interrupted ({type(e).__name__}: {e})", network=False) from None
-        if expected_size is not None and received != int(expected_size):
-            raise _DownloadFailed(f"{url}: interrupted after {received} of {expected_size} bytes", network=False)
-        if digest.hexdigest() != md5:
-            raise _DownloadFailed(f"{url}: md5 of the download is {digest.hexdigest()}, expected {md5}; "
-                                  "it was discarded", network=False)
-        os.replace(tmp, dest)
-        print(f"data: done, {received / 1e6:.1f} MB", file=sys.stderr, flush=True)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _extract(archive_path, root, folder, names):
-    """Unpack folder/<name> for each name from a tar.gz into root, through a temporary folder, so a
-    file appears under its final name only complete and with the right md5."""
-    tmp = tempfile.mkdtemp(dir=root, prefix=".extract-")
-    try:
-        try:
-            with tarfile.open(archive_path, "r:gz") as tar:
-                for name in names:
-                    member = tar.getmember(f"{folder}/{name}")
-                    if not member.isfile():
-                        raise KeyError(member.name)
-                    with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{archive_path}: cannot unpack {folder}/ from it ({type(e).__name__}: {e}). "
-                            "Delete it so it is downloaded again.") from None
-        for name in names:
-            found = _md5(os.path.join(tmp, name))
-            if found != MD5S[f"{folder}/{name}"]:
-                raise DataError(f"{archive_path}: {folder}/{name} inside it has md5 {found}, expected "
-                                f"{MD5S[f'{folder}/{name}']}. Delete the archive so it is downloaded again.")
-        os.makedirs(os.path.join(root, folder), exist_ok=True)
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(root, folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fetch_missing(name, root, layout, missing):
-    """Download (and unpack) the files in `missing` (paths relative to root). An archive already in the
-    root (where torchvision keeps it) is verified and unpacked instead of downloaded. Raises DataError
-    with what to do when that is impossible."""
-    folder = os.path.abspath(os.path.join(root, layout.folder))
-    files = ", ".join(os.path.basename(m) for m in missing)
-    sources = ", ".join(MIRRORS[name])
-    if layout.archive:
-        how = (f"Download {layout.archive} (from {sources}) on a machine with network and put it in "
-               f"{os.path.abspath(root)} (it is unpacked on the next run), or unpack it yourself and copy the "
-               f"files into {folder}, or point the data root at a folder that holds them in torchvision's layout.")
-    else:
-        how = (f"Download them (from {sources}) on a machine with network and copy the files into {folder}, "
-               "or point the data root at a folder that holds them in torchvision's layout.")
-    if not _writable(root):
-        raise DataError(f"{name}: missing {files} in {folder}, and the data root {os.path.abspath(root)} is "
-                        f"read-only so nothing can be downloaded or unpacked there. {how}")
-    downloads = [layout.archive] if layout.archive else [os.path.basename(m) for m in missing]
-    provided = layout.archive is not None and os.path.isfile(os.path.join(root, layout.archive))
-    if provided:
-        _verify(root, [layout.archive])
-        downloads = []
-    for download in downloads:
-        rel = download if layout.archive else f"{layout.folder}/{download}"
-        failures = []
-        for base in MIRRORS[name]:
-            try:
-                _download(base + download, os.path.join(root, rel), MD5S[rel])
-                break
-            except _DownloadFailed as e:
-                print(f"data: {e}", file=sys.stderr)
-                failures.append(e)
-        else:
-            reasons = "; ".join(str(e) for e in failures)
-            if all(e.network for e in failures):
-                raise DataError(f"{name}: {files} missing in {folder} and no network to download them "
-                                f"({reasons}). {how}")
-            raise DataError(f"{name}: could not download {download}: {reasons}. No partial file of it was kept. {how}")
-    if layout.archive:
-        archive_path = os.path.join(root, layout.archive)
-        names = [rel.split("/", 1)[1] for rel in MD5S if rel.startswith(layout.folder + "/")]
-        _extract(archive_path, root, layout.folder, names)
-        if not provided:  # ours to remove: the unpacked files carry their own md5s
-            os.remove(archive_path)
-
-
-# -----------------------------------------------------------------------------
-# Datasets
 
 def load_dataset(name, root="./data", train=True, image_size=32):
     """Load a split -> (images uint8 (N, C, H, W), labels int64 (N,)).
@@ -395,74 +97,17 @@ def load_dataset(name, root="./data", train=True, image_size=32):
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
-def _subfolders(folder):
-    # hidden folders (our .vil-cache among them) are not classes
-    return sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
-
-
-def _class_names(train_folder):
-    if not os.path.isdir(train_folder):
-        raise DataError(f"{train_folder}: no such folder. An image-folder dataset needs "
-                        "<root>/train/<class>/*.png|jpg and <root>/test/<class>/*.")
-    classes = _subfolders(train_folder)
-    if not classes:
-        raise DataError(f"{train_folder}: no class folders in it; put each class's images in "
-                        f"{train_folder}/<class>/.")
-    return classes
-
-
-def load_image_folder(folder, image_size=32, classes=None):
-    """Decode folder/<class>/<image> once with Pillow (RGB, resized to image_size x image_size) ->
-    (images uint8 (N, 3, S, S), labels int64 (N,)); labels index `classes` (default: the sorted class
-    folders). The decoded tensor is cached, keyed by the files' names, sizes and mtimes."""
-    from PIL import Image, UnidentifiedImageError
-
-    classes = classes or _class_names(folder)
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: no such folder; it should hold one folder per class: {classes}")
-    extra = sorted(set(_subfolders(folder)) - set(classes))
-    if extra:
-        raise DataError(f"{folder}: class folders {extra} are not among the training classes {classes}")
-    files = []
-    for label, cls in enumerate(classes):
-        class_dir = os.path.join(folder, cls)
-        if os.path.isdir(class_dir):
-            files += [(os.path.join(class_dir, f), label) for f in sorted(os.listdir(class_dir))
-                      if f.lower().endswith(IMAGE_SUFFIXES)]
-    if not files:
-        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    stats = [os.stat(p) for p, _ in files]
-    listing = [(os.path.relpath(p, folder), st.st_size, st.st_mtime_ns, y) for (p, y), st in zip(files, stats)]
-    key = hashlib.md5(json.dumps([os.path.abspath(folder), image_size, classes, listing]).encode()).hexdigest()
-    cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
-                 else os.path.join(os.path.dirname(verification_cache_path(folder)), "folders"))
-    cache_path = os.path.join(cache_dir, f"{key}.pt")
-    if os.path.isfile(cache_path):
-        try:
-            cached = torch.load(cache_path, weights_only=True)
-            return cached["images"], cached["labels"]
-        except Exception as e:  # a broken cache is rebuilt, never trusted
-            print(f"data: ignoring unreadable cache {cache_path} ({e})", file=sys.stderr)
-    print(f"data: decoding {len(files)} images from {folder}", file=sys.stderr, flush=True)
-    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
-    for i, (path, _) in enumerate(files):
-        try:
-            with Image.open(path) as im:
-                images[i] = np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BICUBIC))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot decode this image ({e}); remove or replace it.") from None
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, S, S, 3) -> (N, 3, S, S)
-    labels = torch.tensor([y for _, y in files], dtype=torch.int64)
-    try:
-        buffer = io.BytesIO()
-        torch.save({"images": images, "labels": labels}, buffer)
-        _atomic_write(cache_path, buffer.getvalue())
-    except OSError as e:
-        print(f"data: could not cache decoded images in {cache_path} ({e})", file=sys.stderr)
-    return images, labels
+def split_train_val(images, labels, val_size, seed=0):
+    """Hold out val_size images (an int count, or a fraction in (0, 1)) of a training split, chosen by a
+    seeded permutation -> (train_images, train_labels, val_images, val_labels); both keep the original
+    order, are disjoint and together hold every image."""
+    n = len(images)
+    count = round(val_size * n) if isinstance(val_size, float) and 0 < val_size < 1 else int(val_size)
+    if not 0 < count < n:
+        raise ValueError(f"val_size={val_size} must leave at least one image in each of train and val (N={n})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:count].sort().values, perm[count:].sort().values
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
 
 
 def channel_mean_std(images):
@@ -479,26 +124,12 @@ def channel_mean_std(images):
     return tuple(mean.tolist()), tuple(var.sqrt().tolist())
 
 
-def split_train_val(images, labels, val_size, seed=0):
-    """Hold out val_size images (an int count, or a fraction in (0, 1)) of a training split, chosen by a
-    seeded permutation -> (train_images, train_labels, val_images, val_labels); both keep the original
-    order, are disjoint and together hold every image."""
-    n = len(images)
-    count = round(val_size * n) if isinstance(val_size, float) and 0 < val_size < 1 else int(val_size)
-    if not 0 < count < n:
-        raise ValueError(f"val_size={val_size} must leave at least one image in each of train and val (N={n})")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:count].sort().values, perm[count:].sort().values
-    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
-
-
 # -----------------------------------------------------------------------------
 # Augmentation, on whole batches on the device
 
 @dataclass(frozen=True)
 class Augment:
-    """Training-time augmentation; each switch off by default, so Augment() changes nothing.
-    See augment_recipe for the usual settings."""
+    """Training-time augmentation; each switch off by default, so Augment() changes nothing."""
     crop_padding: int = 0           # random translation by up to this many pixels, zero fill (random crop of a padded image)
     flip: bool = False              # horizontal flip with probability 1/2
     policy: str = "none"            # "none", "randaugment" (policy_ops ops of fixed magnitude) or "trivialaugment" (one op, random magnitude)
@@ -520,23 +151,6 @@ class Augment:
     @property
     def mixes(self):
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
-
-
-def augment_recipe(name, digits=False):
-    """Named recipes: "none"; "default" (crop + flip, the seed's); "strong" (in the manner of the
-    published from-scratch CIFAR results of small ViTs and CCT: crop, flip, RandAugment(2, 9), random
-    erasing 0.25, mixup 0.8 / cutmix 1.0).
-    digits=True turns flips off (a mirrored digit is another symbol or none)."""
-    recipes = {
-        "none": Augment(),
-        "default": Augment(crop_padding=4, flip=True),
-        "strong": Augment(crop_padding=4, flip=True, policy="randaugment", policy_ops=2, policy_magnitude=9.0,
-                          erasing_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0),
-    }
-    if name not in recipes:
-        raise ValueError(f"unknown augmentation recipe {name!r}; choose one of {sorted(recipes)}")
-    recipe = recipes[name]
-    return replace(recipe, flip=False) if digits else recipe
 
 
 def _translate(x, shifts, padding):
@@ -644,10 +258,26 @@ def _affine_grid(theta, H, W):
     return torch.stack([t[:, 0] * xs + t[:, 1] * ys + t[:, 2], t[:, 3] * xs + t[:, 4] * ys + t[:, 5]], dim=3)
 
 
-def _policy(x, augment, generator):
-    """RandAugment / TrivialAugment on x (B, C, H, W) float in [0, 1], transformed in place and returned:
-    each image draws its own ops; images sharing an op are transformed together."""
+def _where_drawn(x, drawn, op, per_image, batch_wide):
+    """x (B, C, H, W) with op(images, *per_image) applied to the images where drawn (B,) is True;
+    per_image: tensors (B,) of the op's per-image arguments. batch_wide: op runs on the whole batch
+    and torch.where keeps its result where drawn, never waiting for the device; otherwise the drawn
+    images are gathered, transformed and written back into x, which is less arithmetic (faster on
+    CPU) but needs their count on the host (a sync on a GPU). Both give the same images."""
+    if batch_wide:
+        return torch.where(drawn.view(-1, 1, 1, 1), op(x, *per_image).to(x.dtype), x)
+    chosen = drawn.nonzero().squeeze(1)
+    if len(chosen):
+        x[chosen] = op(x[chosen], *(argument[chosen] for argument in per_image)).to(x.dtype)
+    return x
+
+
+def _policy(x, augment, generator, batch_wide=None):
+    """RandAugment / TrivialAugment on x (B, C, H, W) float in [0, 1], transformed (in place unless
+    batch_wide) and returned: each image draws its own ops. batch_wide (default: on a GPU): see
+    _where_drawn."""
     B = x.shape[0]
+    batch_wide = x.device.type != "cpu" if batch_wide is None else batch_wide
     rounds = augment.policy_ops if augment.policy == "randaugment" else 1
     for _ in range(rounds):
         op = torch.randint(len(POLICY_OPS), (B,), device=x.device, generator=generator)
@@ -655,16 +285,11 @@ def _policy(x, augment, generator):
         magnitude = torch.full((B,), augment.policy_magnitude / 30, device=x.device, dtype=x.dtype)
         if augment.policy == "trivialaugment":
             magnitude = magnitude * torch.rand(B, device=x.device, generator=generator, dtype=x.dtype)
-        # the groups are disjoint, so each can be written back in place
+        # the groups are disjoint, so each op reads images no other op of this round has changed
         for index, name in enumerate(_COLOUR):
-            if name == "identity":
-                continue
-            chosen = (op == index).nonzero().squeeze(1)
-            if len(chosen):
-                x[chosen] = _COLOUR[name](x[chosen], magnitude[chosen], sign[chosen]).to(x.dtype)
-        chosen = (op >= len(_COLOUR)).nonzero().squeeze(1)
-        if len(chosen):
-            x[chosen] = _geometric(x[chosen], op[chosen] - len(_COLOUR), magnitude[chosen], sign[chosen])
+            if name != "identity":
+                x = _where_drawn(x, op == index, _COLOUR[name], (magnitude, sign), batch_wide)
+        x = _where_drawn(x, op >= len(_COLOUR), _geometric, (op - len(_COLOUR), magnitude, sign), batch_wide)
     return x
 
 
@@ -681,6 +306,14 @@ def _boxes(B, H, W, area, ratio, generator, device):
     return inside.unsqueeze(1)
 
 
+def _to_device(tensor, device):
+    """A CPU tensor copied to `device`; to a GPU through pinned memory, so the host need not wait for
+    the work queued before the copy (a copy from pageable memory does)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _mix(x, y, augment, num_classes, generator, rng):
     """Mixup / cutmix of each image with its mirror in the batch (image i with B-1-i) -> (x, soft targets
     (B, num_classes) that sum to one). With both on, each image picks one at random."""
@@ -695,8 +328,8 @@ def _mix(x, y, augment, num_classes, generator, rng):
         lam = torch.where(~use_cutmix, torch.from_numpy(rng.beta(augment.mixup_alpha, augment.mixup_alpha, B)), lam)
     if augment.cutmix_alpha > 0:
         lam = torch.where(use_cutmix, torch.from_numpy(rng.beta(augment.cutmix_alpha, augment.cutmix_alpha, B)), lam)
-    lam = torch.where(mixed, lam, torch.ones_like(lam)).to(device=device, dtype=torch.float32)
-    use_cutmix = (use_cutmix & mixed).to(device)
+    lam = _to_device(torch.where(mixed, lam, torch.ones_like(lam)).float(), device)
+    use_cutmix = _to_device(use_cutmix & mixed, device)
     # cutmix: a box of area 1 - lam, square in relative units, from the partner; lam becomes the area kept
     box = _boxes(B, H, W, (1 - lam).clamp_min(0), torch.ones_like(lam), generator, device) & use_cutmix.view(-1, 1, 1, 1)
     lam = torch.where(use_cutmix, 1 - box.float().mean(dim=(1, 2, 3)), lam)
@@ -721,12 +354,12 @@ class DeviceLoader:
     images: uint8 (N, C, H, W); labels: int64 (N,). train=True: a seeded permutation per epoch (without
     replacement), the last partial batch dropped, augmentation on; train=False: original order, every
     image once, no augmentation. rank/world_size: each rank takes a disjoint shard of every epoch's
-    permutation (training: the same number of batches on every rank). limit: use only the first
-    `limit` images. pad_to: zero-pad images to pad_to x pad_to (28x28 digits -> 32x32).
+    permutation (training: the same number of batches on every rank). pad_to: zero-pad images to
+    pad_to x pad_to (28x28 digits -> 32x32).
     Batches depend only on (seed, epoch, step, rank)."""
 
     def __init__(self, images, labels, batch_size, *, num_classes, mean, std, train, augment=None, seed=0,
-                 device="cpu", dtype=torch.float32, rank=0, world_size=1, limit=None, pad_to=None):
+                 device="cpu", rank=0, world_size=1, pad_to=None):
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"images must be uint8 (N, C, H, W) with one label each, got {images.dtype} "
                              f"{tuple(images.shape)} and {len(labels)} labels")
@@ -735,8 +368,6 @@ class DeviceLoader:
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {images.shape[1]} channels")
         augment = augment or Augment()
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
         self.device = torch.device(device)
         self.images = images.to(self.device)
         if pad_to is not None:
@@ -747,7 +378,7 @@ class DeviceLoader:
             self.images = F.pad(self.images, (left, pad_to - W - left, top, pad_to - H - top))
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size, self.num_classes = batch_size, num_classes
-        self.train, self.augment, self.seed, self.dtype = train, augment, seed, dtype
+        self.train, self.augment, self.seed = train, augment, seed
         self.rank, self.world_size = rank, world_size
         # normalising uint8 v: (v / 255 - mean) / std = v * scale + shift
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -775,7 +406,7 @@ class DeviceLoader:
         return perm[self.rank:: self.world_size].to(self.device)
 
     def epoch(self, epoch, start_step=0):
-        """Yield (x, y) for steps start_step..len-1 of epoch `epoch`: x (B, C, H, W) `dtype` normalised on
+        """Yield (x, y) for steps start_step..len-1 of epoch `epoch`: x (B, C, H, W) float32 normalised on
         the device; y int64 (B,), or float (B, num_classes) soft targets when mixup/cutmix is on."""
         indices = self._indices(epoch)
         for step in range(start_step, self.num_batches):
@@ -785,7 +416,7 @@ class DeviceLoader:
                 x, y = self._augment(x, y, epoch, step)
             else:
                 x = torch.addcmul(self.shift, x.float(), self.scale)
-            yield x.to(self.dtype), y
+            yield x, y
 
     def _augment(self, x, y, epoch, step):
         augment = self.augment
@@ -813,3 +444,395 @@ class DeviceLoader:
         if augment.mixes:
             x, y = _mix(x, y, augment, self.num_classes, generator, np.random.default_rng(batch_seed))
         return x, y
+
+
+# -----------------------------------------------------------------------------
+# File formats: the original files (IDX, CIFAR pickles) and image folders
+
+@dataclass(frozen=True)
+class _Layout:
+    folder: str              # under the data root
+    train: tuple             # files the training split reads, in order
+    test: tuple
+    archive: str | None      # downloaded into the root and unpacked into `folder`; None: files are downloaded one by one
+
+
+_LAYOUTS = {
+    "mnist": _Layout("MNIST/raw", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                     ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), None),
+    "fashion-mnist": _Layout("FashionMNIST/raw", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                             ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"), None),
+    "cifar10": _Layout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                       "cifar-10-python.tar.gz"),
+    "cifar100": _Layout("cifar-100-python", ("train",), ("test",), "cifar-100-python.tar.gz"),
+}
+
+
+def read_idx(path, magic):
+    """Read a gzip'd IDX file (MNIST format) -> uint8 tensor of the dimensions in its header.
+    magic: 2051 for images (N, H, W), 2049 for labels (N,). Raises DataError naming the file."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: not a readable gzip file ({e}); it is truncated or corrupt. "
+                        "Delete it so it is downloaded again, or replace it with the official file.") from None
+    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != magic:
+        found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+        raise DataError(f"{path}: IDX magic number is {found}, expected {magic}; this is not the "
+                        "right file. Replace it with the official file.")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != header + math.prod(dims):
+        raise DataError(f"{path}: IDX header says {dims} ({math.prod(dims)} bytes of data) but the file "
+                        f"holds {len(raw) - header}; it is truncated or corrupt. Delete it so it is "
+                        "downloaded again, or replace it with the official file.")
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy())
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's files hold (a dict, lists, bytes and numpy arrays), so a wrong file
+    cannot run code."""
+    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path, label_key=b"labels"):
+    """Read one CIFAR python-pickle batch -> (images uint8 (N, 3, 32, 32), labels int64 (N,)).
+    label_key: b"labels" for CIFAR-10, b"fine_labels" for CIFAR-100. Raises DataError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, UnicodeDecodeError, MemoryError) as e:
+        raise DataError(f"{path}: not a readable CIFAR batch ({type(e).__name__}: {e}); it is truncated, "
+                        "corrupt or the wrong file. Delete it so it is downloaded again, or replace it "
+                        "with the official file.") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"{path}: expected uint8 data of shape (N, 3072) and N labels, found "
+                        f"{data.dtype} {data.shape} and {len(labels)} labels; this is not the right file.")
+    # (N, 3072) -> (N, 3, 32, 32): the red plane, then green, then blue, each row-major
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _subfolders(folder):
+    # hidden folders (our .vil-cache among them) are not classes
+    return sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+
+
+def _class_names(train_folder):
+    if not os.path.isdir(train_folder):
+        raise DataError(f"{train_folder}: no such folder. An image-folder dataset needs "
+                        "<root>/train/<class>/*.png|jpg and <root>/test/<class>/*.")
+    classes = _subfolders(train_folder)
+    if not classes:
+        raise DataError(f"{train_folder}: no class folders in it; put each class's images in "
+                        f"{train_folder}/<class>/.")
+    return classes
+
+
+def folder_classes(root):
+    """The class names of the image-folder dataset in root, which its labels index: the sorted
+    class folders of root/train."""
+    return _class_names(os.path.join(root, "train"))
+
+
+def load_image_folder(folder, image_size=32, classes=None):
+    """Decode folder/<class>/<image> once with Pillow (RGB, resized to image_size x image_size) ->
+    (images uint8 (N, 3, S, S), labels int64 (N,)); labels index `classes` (default: the sorted class
+    folders). The decoded tensor is cached, keyed by the files' names and _identity."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = classes or _class_names(folder)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder; it should hold one folder per class: {classes}")
+    extra = sorted(set(_subfolders(folder)) - set(classes))
+    if extra:
+        raise DataError(f"{folder}: class folders {extra} are not among the training classes {classes}")
+    files = []
+    for label, cls in enumerate(classes):
+        class_dir = os.path.join(folder, cls)
+        if os.path.isdir(class_dir):
+            files += [(os.path.join(class_dir, f), label) for f in sorted(os.listdir(class_dir))
+                      if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    listing = [(os.path.relpath(p, folder), _identity(p), y) for p, y in files]
+    key = hashlib.md5(json.dumps([os.path.abspath(folder), image_size, classes, listing]).encode()).hexdigest()
+    cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
+                 else os.path.join(os.path.dirname(verification_cache_path(folder)), "folders"))
+    cache_path = os.path.join(cache_dir, f"{key}.pt")
+    if os.path.isfile(cache_path):
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            return cached["images"], cached["labels"]
+        except Exception as e:  # a broken cache is rebuilt, never trusted
+            print(f"data: ignoring unreadable cache {cache_path} ({e})", file=sys.stderr)
+    print(f"data: decoding {len(files)} images from {folder}", file=sys.stderr, flush=True)
+    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                images[i] = np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BICUBIC))
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            # Pillow refuses images of more than 2 * Image.MAX_IMAGE_PIXELS (179M) pixels as decompression bombs
+            raise DataError(f"{path}: cannot decode this image ({e}); remove or replace it.") from None
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, S, S, 3) -> (N, 3, S, S)
+    labels = torch.tensor([y for _, y in files], dtype=torch.int64)
+    try:
+        buffer = io.BytesIO()
+        torch.save({"images": images, "labels": labels}, buffer)
+        _atomic_write(cache_path, buffer.getvalue())
+    except OSError as e:
+        print(f"data: could not cache decoded images in {cache_path} ({e})", file=sys.stderr)
+    return images, labels
+
+
+# -----------------------------------------------------------------------------
+# File verification, remembered across runs
+
+# md5 of every official file, by its path under the data root (tests replace these).
+MD5S = {
+    "MNIST/raw/train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "MNIST/raw/train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "MNIST/raw/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "MNIST/raw/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "FashionMNIST/raw/train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "FashionMNIST/raw/train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "FashionMNIST/raw/t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "FashionMNIST/raw/t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+    "cifar-10-batches-py/batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+    "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
+    "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "cifar-100-python/meta": "7973b15100ade9c7d40fb424638fde48",
+}
+
+
+def _writable(folder):
+    """Whether files may be created in `folder` (or in the nearest existing parent). The mode bits
+    count even for root, who ignores them, so a folder marked read-only is left alone by everyone."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    mode = os.stat(path).st_mode
+    return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def verification_cache_path(root):
+    """Where the md5 results for files under `root` are remembered: in the root when it is writable,
+    else in $VIL_CACHE_DIR, $XDG_CACHE_HOME/vision-lstm or ~/.cache/vision-lstm."""
+    if _writable(root):
+        return os.path.join(root, ".vil-verified.json")
+    cache = os.environ.get("VIL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vision-lstm")
+    return os.path.join(cache, "verified.json")
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _identity(path):
+    """What tells that a file changed without reading it -> [size, mtime_ns, ctime_ns, inode]. Copies
+    keep size and mtime (cp -p, rsync -t, tar); a copy put in place has another inode and one written
+    over the old file another ctime, which no tool can set back."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _atomic_write(path, data):
+    """Write bytes to path through a temporary file and a rename, creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _read_verified(cache_path):
+    """The remembered checks {real path: [size, mtime_ns, ctime_ns, inode, md5]}; a record that is
+    missing, unreadable or of another shape counts as empty (and is rewritten at the next check)."""
+    try:
+        with open(cache_path, "rb") as f:
+            cache = json.load(f)
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        return {}
+    return cache if isinstance(cache, dict) else {}  # entries of another shape never match, below
+
+
+def _verify(root, relpaths):
+    """Check the md5 of each file (paths relative to root) against MD5S. A file whose path and
+    _identity match a remembered good check is not read again. Raises DataError on a mismatch."""
+    cache_path = verification_cache_path(root)
+    cache = _read_verified(cache_path)
+    changed = False
+    for rel in relpaths:
+        path = os.path.join(root, rel)
+        key = os.path.realpath(path)
+        expected = MD5S[rel]
+        identity = _identity(path) + [expected]
+        if cache.get(key) == identity:
+            continue
+        found = _md5(path)
+        if found != expected:
+            raise DataError(f"{path}: md5 is {found}, expected {expected}: the file is truncated, corrupt or "
+                            "not the official one. Delete it so it is downloaded again, or replace it with "
+                            "the official file.")
+        cache[key] = identity
+        changed = True
+    if changed:
+        try:
+            _atomic_write(cache_path, json.dumps(cache, indent=0).encode())
+        except OSError as e:  # only costs a re-check next time
+            print(f"data: could not remember verified files in {cache_path} ({e})", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Download
+
+# Base URLs tried in order; tests point these at a local server.
+MIRRORS = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+    "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
+    "cifar100": ["https://www.cs.toronto.edu/~kriz/"],
+}
+
+DOWNLOAD_TIMEOUT = 30.0  # seconds without progress before a download is given up
+
+
+class _DownloadFailed(Exception):
+    def __init__(self, reason, network):
+        super().__init__(reason)
+        self.network = network  # True when the server could not be reached at all
+
+
+def _download(url, dest, md5):
+    """Download url to dest through atomic_write's temporary file next to it, which goes on any
+    failure or interruption (Ctrl-C, a SIGTERM turned into SystemExit); dest appears only once the
+    md5 matches."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    print(f"data: downloading {url} -> {dest}", file=sys.stderr, flush=True)
+    received = 0
+
+    def fetch(f):  # raising here discards the temporary file
+        nonlocal received
+        digest = hashlib.md5()
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+                expected_size = response.headers.get("Content-Length")
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    digest.update(block)
+                    received += len(block)
+        except urllib.error.HTTPError as e:
+            raise _DownloadFailed(f"{url}: HTTP {e.code} {e.reason}", network=False) from None
+        except urllib.error.URLError as e:
+            raise _DownloadFailed(f"{url}: {e.reason}", network=True) from None
+        except (http.client.HTTPException, socket.timeout, OSError) as e:
+            raise _DownloadFailed(f"{url}: interrupted ({type(e).__name__}: {e})", network=False) from None
+        if expected_size is not None and received != int(expected_size):
+            raise _DownloadFailed(f"{url}: interrupted after {received} of {expected_size} bytes", network=False)
+        if digest.hexdigest() != md5:
+            raise _DownloadFailed(f"{url}: md5 of the download is {digest.hexdigest()}, expected {md5}; "
+                                  "it was discarded", network=False)
+
+    try:
+        atomic_write(dest, fetch)
+    except OSError as e:  # writing the file, not the network: a full disk, a folder turned read-only
+        raise _DownloadFailed(f"{url}: cannot write {dest} ({e.strerror or e})", network=False) from None
+    print(f"data: done, {received / 1e6:.1f} MB", file=sys.stderr, flush=True)
+
+
+def _extract(archive_path, root, folder, names):
+    """Unpack folder/<name> for each name from a tar.gz into root, through a temporary folder, so a
+    file appears under its final name only complete and with the right md5."""
+    tmp = tempfile.mkdtemp(dir=root, prefix=".extract-")
+    try:
+        try:
+            with tarfile.open(archive_path, "r:gz") as tar:
+                for name in names:
+                    member = tar.getmember(f"{folder}/{name}")
+                    if not member.isfile():
+                        raise KeyError(member.name)
+                    with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{archive_path}: cannot unpack {folder}/ from it ({type(e).__name__}: {e}). "
+                            "Delete it so it is downloaded again.") from None
+        for name in names:
+            found = _md5(os.path.join(tmp, name))
+            if found != MD5S[f"{folder}/{name}"]:
+                raise DataError(f"{archive_path}: {folder}/{name} inside it has md5 {found}, expected "
+                                f"{MD5S[f'{folder}/{name}']}. Delete the archive so it is downloaded again.")
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(root, folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch_missing(name, root, layout, missing):
+    """Download (and unpack) the files in `missing` (paths relative to root). An archive already in the
+    root (where torchvision keeps it) is verified and unpacked instead of downloaded. Raises DataError
+    with what to do when that is impossible."""
+    folder = os.path.abspath(os.path.join(root, layout.folder))
+    files = ", ".join(os.path.basename(m) for m in missing)
+    sources = ", ".join(MIRRORS[name])
+    if layout.archive:
+        how = (f"Download {layout.archive} (from {sources}) on a machine with network and put it in "
+               f"{os.path.abspath(root)} (it is unpacked on the next run), or unpack it yourself and copy the "
+               f"files into {folder}, or point the data root at a folder that holds them in torchvision's layout.")
+    else:
+        how = (f"Download them (from {sources}) on a machine with network and copy the files into {folder}, "
+               "or point the data root at a folder that holds them in torchvision's layout.")
+    if not _writable(root):
+        raise DataError(f"{name}: missing {files} in {folder}, and the data root {os.path.abspath(root)} is "
+                        f"read-only so nothing can be downloaded or unpacked there. {how}")
+    downloads = [layout.archive] if layout.archive else [os.path.basename(m) for m in missing]
+    provided = layout.archive is not None and os.path.isfile(os.path.join(root, layout.archive))
+    if provided:
+        _verify(root, [layout.archive])
+        downloads = []
+    for download in downloads:
+        rel = download if layout.archive else f"{layout.folder}/{download}"
+        failures = []
+        for base in MIRRORS[name]:
+            try:
+                _download(base + download, os.path.join(root, rel), MD5S[rel])
+                break
+            except _DownloadFailed as e:
+                print(f"data: {e}", file=sys.stderr)
+                failures.append(e)
+        else:
+            reasons = "; ".join(str(e) for e in failures)
+            if all(e.network for e in failures):
+                raise DataError(f"{name}: {files} missing in {folder} and no network to download them "
+                                f"({reasons}). {how}")
+            raise DataError(f"{name}: could not download {download}: {reasons}. No partial file of it was kept. {how}")
+    if layout.archive:
+        archive_path = os.path.join(root, layout.archive)
+        names = [rel.split("/", 1)[1] for rel in MD5S if rel.startswith(layout.folder + "/")]
+        _extract(archive_path, root, layout.folder, names)
+        if not provided:  # ours to remove: the unpacked files carry their own md5s
+            os.remove(archive_path)

@@ -4,26 +4,29 @@ Train and evaluate a Vision-LSTM (ViL) classifier on a small image dataset.
 One device (a GPU when present, else the CPU):
     python training.py --dataset mnist
     python training.py --dataset cifar
-    python training.py --dataset cifar --model vil-t --epochs 200 --rand-augment 2 --mixup 0.8
+    python training.py --dataset cifar --model vil-t --epochs 200 --mixup 0.8 --cutmix 1.0
 Several GPUs on one machine (DistributedDataParallel, --batch-size is the global batch):
     torchrun --standalone --nproc_per_node=4 training.py --dataset cifar
 Continue an interrupted run, or evaluate a saved model on the test set:
     python training.py --resume --out-dir runs/cifar10-vil-seed-20261124-120000
     python training.py --eval-only --checkpoint runs/cifar10-vil-seed-20261124-120000/checkpoint.pt
 
-A run writes into its folder (--out-dir): config.json, metrics.jsonl (one line per epoch),
-checkpoint.pt (every epoch, atomically), final.json (test accuracy and timing) and curves.png.
+A run writes into its folder (--out-dir, locked while it runs): config.json and checkpoint.pt
+(every epoch, atomically), metrics.jsonl (one line per epoch), final.json (test accuracy and
+timing) and curves.png.
 The test set chooses nothing: it is evaluated once at the end (and per epoch with
 --eval-test-every-epoch, for curves only). --val-size holds out part of the training set; with it,
 best.pt keeps the weights of the epoch with the best validation accuracy.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
-import signal
+import shlex
 import sys
 import time
 
@@ -32,189 +35,197 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (ALIASES, DATASETS, Augment, DataError, DeviceLoader, channel_mean_std, load_dataset,
-                  split_train_val)
-from model import PRESETS, VisionLSTM, ViLConfig, create_model
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked there
+    fcntl = None
+
+from data import (ALIASES, DATASETS, POLICY_OPS, Augment, DataError, DeviceLoader, channel_mean_std,
+                  folder_classes, load_dataset, split_train_val)
+from mlstm import CONV_KINDS, MLSTM_FORMS
+from model import POOLINGS, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, autocast,
                    cpu_has_native_bf16, ensure_writable_dir, format_seconds, learning_rate, load_checkpoint, plot_curves,
-                   save_checkpoint, save_json, setup_distributed)
+                   save_checkpoint, save_json, setup_distributed, stop_requests)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One setting of a run and its command-line flag (--name-with-dashes). allowed: an interval
+    such as "(0, 10]" ("[" and "]" include an end, "(" and ")" leave it out), a tuple of choices,
+    or None (any value of the type). A default of None means "not set" (the model preset's own
+    value, a run folder named after the run, the best device) and is always allowed."""
+    default: object
+    type: type
+    allowed: object
+    help: str
+
+    def interval(self):
+        """The allowed interval as (low, high, low included, high included)."""
+        low, high = (self.type(end) for end in self.allowed[1:-1].split(","))
+        return low, high, self.allowed[0] == "[", self.allowed[-1] == "]"
+
+    def check(self, name, value):
+        """Raise a UserError that names the flag unless value is allowed."""
+        if value is None and self.default is None:
+            return
+        flag = "--" + name.replace("_", "-")
+        if isinstance(self.allowed, tuple):
+            if value not in self.allowed:
+                raise UserError(f"{flag} must be one of {', '.join(self.allowed)}, got {value!r}")
+        elif isinstance(self.allowed, str):
+            low, high, low_included, high_included = self.interval()
+            number = (isinstance(value, (int, float) if self.type is float else int)
+                      and not isinstance(value, bool))
+            inside = (number and (isinstance(value, int) or math.isfinite(value))
+                      and (low < value or low_included and value == low)
+                      and (value < high or high_included and value == high))
+            if not inside:
+                kind = "an integer" if self.type is int else "a finite number"
+                raise UserError(f"{flag} must be {kind} in {self.allowed}, got {value!r}")
+        elif not isinstance(value, self.type):
+            raise UserError(f"{flag} must be a {self.type.__name__}, got {value!r}")
+
 
 # ---------------------------------------------------------------------------------------------
-# Defaults: edit them here. A flag on the command line wins over these; the recipe of the chosen
-# dataset (RECIPES, below) wins over the general values.
-DEFAULTS = dict(
-    # I/O
-    dataset="mnist",
-    data_dir="./data",
-    out_dir=None,               # None: runs/<dataset>-<model>-<date>-<time>
-    # model: a preset of model.py; None keeps the preset's own value
-    model="vil-seed",
-    dim=None,
-    depth=None,                 # number of single-direction blocks (a pair is one "layer")
-    patch_size=None,
-    pooling=None,               # bilateral_concat | bilateral_avg
-    conv_kind=None,             # 2d | causal1d
-    mlstm_form=None,            # parallel | chunkwise | recurrent
-    chunk_size=None,
-    drop_path=0.0,              # largest stochastic-depth rate, reached by the last block
-    pad_to=32,                  # zero-pad smaller images (28-px MNIST) to this size, as the seed did
-    image_size=32,              # image-folder datasets are resized to this size
-    # optimiser and schedule
-    epochs=20,
-    batch_size=256,             # global batch (split over processes under torchrun)
-    lr=1e-3,
-    weight_decay=0.05,
-    warmup_epochs=2.0,          # never more than a fifth of the run
-    grad_clip=1.0,              # 0: off
-    label_smoothing=0.1,
-    ema=0.0,                    # decay of an exponential moving average of the weights (0: off)
-    # augmentation (on the training device, per sample)
-    crop_padding=4,             # random translation by up to this many pixels (0: off)
-    flip=True,                  # random horizontal flip (never for digits)
-    policy="none",              # none | randaugment (policy_ops ops) | trivialaugment (one op)
-    policy_ops=2,               # operations per image for randaugment
-    policy_magnitude=9.0,       # their strength on the 0..30 scale (trivialaugment: the largest)
-    erasing=0.0,                # probability of random erasing
-    mixup=0.0,                  # mixup Beta(a, a) parameter (0: off)
-    cutmix=0.0,                 # cutmix Beta(a, a) parameter (0: off)
-    # evaluation
-    val_size=0,                 # training images held out for validation (0: none)
-    tta=True,                   # evaluate the mean logits of each image and its mirror image
-                                # (only where training flips: never for digits)
-    eval_test_every_epoch=False,
-    # system
-    amp="auto",                 # auto: bf16 on a GPU or CPU that has it natively, else off | bf16 | fp16 | off
-    compile=False,
-    seed=0,
-    limit_train=0,              # train on the first N images only (0: all)
-    device=None,                # None: cuda when present, else cpu
-)
+# Settings: edit a default here. A flag on the command line wins over it; the recipe of the chosen
+# dataset (RECIPES, below) wins over the general value. Each is Flag(default, type, allowed, help);
+# the command line (a group of --help per heading), its checks and README.md's "Flags" follow.
+FLAGS = {
+    "I/O": dict(
+        dataset=Flag("mnist", str, tuple(name for name in DATASETS if name not in ALIASES),
+                     "the dataset (cifar: cifar10)"),
+        data_dir=Flag("./data", str, None, "data root (torchvision layout); downloads go there"),
+        out_dir=Flag(None, str, None, "run folder (default runs/<dataset>-<model>-<date>-<time>)"),
+        limit_train=Flag(0, int, "[0, 1000000000]", "train on the first N images only (0: all)"),
+        # for small images: 60000 MNIST digits padded to 256 px already take 4 GB
+        pad_to=Flag(32, int, "[0, 256]", "zero-pad smaller images (28-px MNIST) to this size, as the seed "
+                                         "did (0: off)"),
+        image_size=Flag(32, int, "[1, 1024]", "image-folder datasets are resized to this size"),
+    ),
+    "model": dict(  # a preset of model.py; None keeps the preset's own value
+        model=Flag("vil-seed", str, tuple(PRESETS), "the preset"),
+        dim=Flag(None, int, "[8, 8192]", "model width (a multiple of 8)"),
+        depth=Flag(None, int, "[1, 256]", "number of single-direction blocks (a pair is one 'layer')"),
+        patch_size=Flag(None, int, "[1, 1024]", "patch side in pixels; divides the image size"),
+        pooling=Flag(None, str, POOLINGS, "pooling of the first and last token"),
+        conv_kind=Flag(None, str, CONV_KINDS, "depthwise conv before q and k: 3x3 on the patch grid, or "
+                                              "causal of width 4 along the sequence"),
+        mlstm_form=Flag(None, str, MLSTM_FORMS, "the form of the mLSTM (all three compute the same)"),
+        chunk_size=Flag(None, int, "[1, 65536]", "chunk length of the chunkwise form"),
+        drop_path=Flag(0.0, float, "[0, 1)", "largest stochastic-depth rate, reached by the last block"),
+    ),
+    "optimiser and schedule": dict(
+        epochs=Flag(20, int, "[1, 100000]", "epochs of training"),
+        batch_size=Flag(256, int, "[1, 1048576]", "global batch (split over processes under torchrun)"),
+        lr=Flag(1e-3, float, "(0, 10]", "peak learning rate of AdamW"),
+        weight_decay=Flag(0.05, float, "[0, 10]", "AdamW weight decay of weight matrices and kernels"),
+        warmup_epochs=Flag(2.0, float, "[0, 100000]", "linear warm-up, never more than a fifth of the run"),
+        grad_clip=Flag(1.0, float, "[0, 1e6]", "gradient norm clipping (0: off)"),
+        # 1 would make every target uniform: nothing left to learn
+        label_smoothing=Flag(0.1, float, "[0, 1)", "label smoothing of the cross-entropy"),
+        ema=Flag(0.0, float, "[0, 1)", "decay of an exponential moving average of the weights, e.g. "
+                                       "0.999 (0: off)"),
+    ),
+    "augmentation": dict(  # on the training device, per sample
+        crop_padding=Flag(4, int, "[0, 64]", "random translation by up to this many pixels (0: off)"),
+        flip=Flag(True, bool, None, "random horizontal flip (never for digits)"),
+        policy=Flag("none", str, ("none", "randaugment", "trivialaugment"),
+                    "randaugment: --policy-ops operations per image; trivialaugment: one"),
+        policy_ops=Flag(2, int, f"[1, {len(POLICY_OPS)}]", "operations per image for randaugment"),
+        policy_magnitude=Flag(9.0, float, "[0, 30]", "their strength on the 0..30 scale (trivialaugment "
+                                                     "draws up to it: 30 is its full range)"),
+        erasing=Flag(0.0, float, "[0, 1]", "probability of random erasing"),
+        mixup=Flag(0.0, float, "[0, 100]", "mixup Beta(a, a) parameter (0: off)"),
+        cutmix=Flag(0.0, float, "[0, 100]", "cutmix Beta(a, a) parameter (0: off)"),
+    ),
+    "evaluation": dict(
+        val_size=Flag(0, int, "[0, 1000000000]", "training images held out for validation (0: none)"),
+        tta=Flag(True, bool, None, "evaluate the mean logits of each image and its mirror image (only "
+                                   "where training flips: never for digits)"),
+        eval_test_every_epoch=Flag(False, bool, None, "also evaluate the test set after every epoch "
+                                                      "(curves only)"),
+    ),
+    "system": dict(
+        amp=Flag("auto", str, ("auto", "bf16", "fp16", "off"),
+                 "autocast precision; auto: bf16 on a GPU or CPU that has it natively, else off"),
+        compile=Flag(False, bool, None, "torch.compile the model"),
+        seed=Flag(0, int, f"[0, {2**63 - 1}]", "seed of the initial weights, data order and augmentation"),
+        device=Flag(None, str, None, "cuda, cuda:1, cpu, ... (default: cuda when present, else cpu)"),
+    ),
+}
+DEFAULTS = {name: flag.default for flags in FLAGS.values() for name, flag in flags.items()}
 
-# Per-dataset recipes: the values that make the plain `--dataset X` command beat the seed table.
+# Per-dataset recipes, only what differs from the defaults: the values that make the plain
+# `--dataset X` command beat the seed table.
 RECIPES = {
-    "mnist": dict(epochs=20, lr=2e-3, crop_padding=2, flip=False, label_smoothing=0.1,
-                  warmup_epochs=1.0),
-    "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, flip=True, erasing=0.25),
-    # 20 epochs: under an hour on a 2-core CPU with native bf16 (README.md, "Results"); longer
-    # runs reach more (--epochs 100)
-    "cifar10": dict(epochs=20, lr=2e-3, policy="randaugment", drop_path=0.05, ema=0.999),
-    "cifar100": dict(epochs=150, lr=2e-3, crop_padding=4, flip=True, policy="randaugment",
-                     policy_ops=2, policy_magnitude=9.0, label_smoothing=0.1, drop_path=0.1,
-                     mixup=0.8, cutmix=1.0, ema=0.999, warmup_epochs=5.0),
-    "folder": dict(epochs=50, crop_padding=4, flip=True),
+    "mnist": dict(lr=2e-3, crop_padding=2, flip=False, warmup_epochs=1.0),
+    "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
+    # the default 20 epochs: under an hour on a 2-core CPU with native bf16 (README.md, "Results");
+    # longer runs reach more (--epochs 100)
+    "cifar10": dict(lr=2e-3, policy="randaugment", drop_path=0.05, ema=0.999),
+    "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
+                     ema=0.999, warmup_epochs=5.0),
+    "folder": dict(epochs=50),
 }
 # On --resume the run's own config.json is used; only these may be changed on the command line.
 RESUME_OVERRIDABLE = ("epochs", "device", "data_dir", "compile", "tta")
 # ---------------------------------------------------------------------------------------------
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM arrived; the training loop saved a checkpoint."""
-
-
 class NonFiniteLoss(Exception):
-    """The training loss became NaN or inf."""
+    """The training loss or the weights became NaN or inf."""
 
 
 def build_parser(suppress_defaults=False):
-    """The command line. With suppress_defaults, parse_args returns only the flags actually given."""
+    """The command line: a flag per entry of FLAGS, and the three that choose what to do with a
+    saved run. With suppress_defaults, parse_args returns only the flags actually given."""
     parser = argparse.ArgumentParser(
-        description="Train a Vision-LSTM on MNIST, Fashion-MNIST, CIFAR-10/100 or an image folder.",
+        description="Train a Vision-LSTM on MNIST, Fashion-MNIST, CIFAR-10/100 or an image folder. "
+                    "The defaults shown are the general ones; the recipe of each dataset changes some "
+                    "(RECIPES in training.py).",
         argument_default=argparse.SUPPRESS if suppress_defaults else None)
-    group = parser.add_argument_group("data and run folder")
-    group.add_argument("--dataset", help="mnist | fashion-mnist | cifar10 (cifar) | cifar100 | folder")
-    group.add_argument("--data-dir", help="data root (torchvision layout); downloads go there")
-    group.add_argument("--out-dir", help="run folder (default runs/<dataset>-<model>-<time>)")
-    group.add_argument("--limit-train", type=int, help="use only the first N training images")
-    group.add_argument("--val-size", type=int, help="hold out N training images for validation")
-    group.add_argument("--pad-to", type=int, help="zero-pad smaller images to this size (0: off)")
-    group.add_argument("--image-size", type=int, help="size image-folder datasets are resized to")
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", help="preset: " + ", ".join(PRESETS))
-    group.add_argument("--dim", type=int, help="model width")
-    group.add_argument("--depth", type=int, help="number of blocks (each reads one direction)")
-    group.add_argument("--patch-size", type=int)
-    group.add_argument("--pooling", help="bilateral_concat | bilateral_avg")
-    group.add_argument("--conv-kind", help="2d | causal1d")
-    group.add_argument("--mlstm-form", help="parallel | chunkwise | recurrent")
-    group.add_argument("--chunk-size", type=int, help="chunk length of the chunkwise form")
-    group.add_argument("--drop-path", type=float, help="stochastic depth rate of the last block")
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--batch-size", type=int, help="global batch size")
-    group.add_argument("--lr", type=float, help="peak learning rate of AdamW")
-    group.add_argument("--weight-decay", type=float)
-    group.add_argument("--warmup-epochs", type=float)
-    group.add_argument("--grad-clip", type=float, help="gradient norm clipping (0: off)")
-    group.add_argument("--label-smoothing", type=float)
-    group.add_argument("--ema", type=float, help="weight EMA decay, e.g. 0.999 (0: off)")
-    group = parser.add_argument_group("augmentation")
-    group.add_argument("--crop-padding", type=int, help="random translation in pixels (0: off)")
-    group.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip")
-    group.add_argument("--policy", choices=["none", "randaugment", "trivialaugment"],
-                       help="automatic augmentation policy")
-    group.add_argument("--policy-ops", type=int, help="RandAugment operations per image")
-    group.add_argument("--policy-magnitude", type=float,
-                       help="policy strength on the 0..30 scale (trivialaugment draws up to it: "
-                            "30 is TrivialAugment's full range)")
-    group.add_argument("--erasing", type=float, help="random erasing probability")
-    group.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
-    group.add_argument("--cutmix", type=float, help="cutmix alpha (0: off)")
-    group = parser.add_argument_group("evaluation and checkpoints")
-    group.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                       help="test-time augmentation: mean logits of an image and its mirror image "
-                            "(datasets trained with --flip only)")
-    group.add_argument("--eval-test-every-epoch", action=argparse.BooleanOptionalAction,
-                       help="also evaluate the test set after every epoch (curves only)")
+    for title, flags in FLAGS.items():
+        group = parser.add_argument_group(title)
+        for name, flag in flags.items():
+            notes = ([f"in {flag.allowed}"] if isinstance(flag.allowed, str) else []) + \
+                    ([f"default {flag.default}"] if flag.default is not None else [])
+            help = "; ".join([flag.help, ", ".join(notes)] if notes else [flag.help]).replace("%", "%%")
+            option = "--" + name.replace("_", "-")
+            if flag.type is bool:
+                group.add_argument(option, action=argparse.BooleanOptionalAction, help=help)
+            elif isinstance(flag.allowed, tuple):  # checked by check_config, which names the flag
+                group.add_argument(option, metavar="{" + ",".join(flag.allowed) + "}", help=help)
+            else:
+                group.add_argument(option, type=flag.type, help=help)
+    group = parser.add_argument_group("continue or evaluate a saved run")
     group.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     group.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test set")
     group.add_argument("--checkpoint", help="checkpoint file for --eval-only")
-    group = parser.add_argument_group("system")
-    group.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="autocast precision")
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    group.add_argument("--seed", type=int)
-    group.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
     return parser
 
 
 def parse_config(argv):
-    """Resolve the run's configuration: command line > dataset recipe > DEFAULTS.
-    Returns (config dict, the set of flags given on the command line, resume, eval_only, checkpoint)."""
+    """Resolve the run's configuration: command line > dataset recipe > DEFAULTS, every value
+    checked. Returns (config dict, the set of flags given on the command line, resume, eval_only,
+    checkpoint)."""
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))
     resume, eval_only = given.pop("resume", False), given.pop("eval_only", False)
     checkpoint = given.pop("checkpoint", None)
-    config = dict(DEFAULTS)
-    dataset = given.get("dataset", config["dataset"])
+    dataset = given.get("dataset", DEFAULTS["dataset"])
     dataset = ALIASES.get(dataset, dataset)
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(sorted(DATASETS))}")
-    config.update(RECIPES.get(dataset, {}))
-    config.update(given)
-    config["dataset"] = dataset
+    config = {**DEFAULTS, **RECIPES.get(dataset, {}), **given, "dataset": dataset}
+    check_config(config)
     return config, set(given), resume, eval_only, checkpoint
 
 
 def check_config(config):
-    """Refuse impossible values with a message naming the flag."""
-    positive = ("epochs", "batch_size")
-    for key in positive:
-        if config[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
-    non_negative = ("lr", "weight_decay", "warmup_epochs", "grad_clip", "ema", "crop_padding",
-                    "policy_ops", "policy_magnitude", "erasing", "mixup", "cutmix", "val_size",
-                    "limit_train", "pad_to", "drop_path", "label_smoothing")
-    for key in non_negative:
-        if config[key] < 0:
-            raise UserError(f"--{key.replace('_', '-')} must not be negative, got {config[key]}")
-    if config["lr"] == 0:
-        raise UserError("--lr must be positive")
-    for key in ("ema", "erasing", "drop_path", "label_smoothing"):
-        if config[key] >= 1:
-            raise UserError(f"--{key.replace('_', '-')} must be below 1, got {config[key]}")
-    if config["image_size"] < 1:
-        raise UserError(f"--image-size must be at least 1, got {config['image_size']}")
-    if config["model"] not in PRESETS:
-        raise UserError(f"unknown model {config['model']!r}: choose one of {', '.join(PRESETS)}")
+    """Refuse a value its flag does not allow (FLAGS) with a UserError that names the flag. A
+    setting that config lacks (a run saved before the flag existed) is not checked."""
+    for flags in FLAGS.values():
+        for name, flag in flags.items():
+            if name in config:
+                flag.check(name, config[name])
 
 
 def resolve_device(name):
@@ -248,6 +259,13 @@ def autocast_dtype(amp, device):
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bf16 support; use --amp fp16 or --amp off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def allow_tf32(device):
+    """On a GPU, let float32 matmuls (all of them under --amp off) run in TF32 on the tensor cores:
+    several times faster, with a 10-bit mantissa (bf16 has 7). Convolutions do already."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def build_model(config, num_classes, in_chans, img_size):
@@ -309,13 +327,16 @@ def predict(model, x, tta):
     return logits
 
 
+EVAL_BATCH_SIZE = 500  # images per evaluation batch and process
+
+
 @torch.no_grad()
 def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad_to, tta=False):
     """Mean cross-entropy and accuracy of `model` on (images, labels), each process taking every
     world_size-th image; with tta, of the mean logits of each image and its mirror image.
     Returns (loss, accuracy)."""
     model.eval()
-    loader = DeviceLoader(images[rank::world_size], labels[rank::world_size], 500,
+    loader = DeviceLoader(images[rank::world_size], labels[rank::world_size], EVAL_BATCH_SIZE,
                           num_classes=config["num_classes"], mean=config["mean"], std=config["std"],
                           train=False, device=device, pad_to=pad_to)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -331,31 +352,239 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
     return loss_sum / count, correct / count
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "final.json")
+
+
+class RunFolder:
+    """A run's folder and what the run has saved in it, from the start of the run to its end.
+
+    Process 0 holds a lock on <out_dir>/.lock (fcntl.flock, released when the run ends, however it
+    ends), so that a second run into the same folder stops at once instead of mixing its files in,
+    and writes every run file through write(). `saved` says which checkpoint.pt is on disk, for the
+    message of a run that stops (main prints it)."""
+
+    def __init__(self, stop):
+        self.stop = stop  # the run's StopRequests: writes hold back Ctrl-C and SIGTERM
+        self.out_dir = None
+        self.saved = None  # the newest checkpoint.pt: "epoch 3", or "epoch 4, step 20 of 196"
+        self.training = False  # whether the training loop has begun
+        self._lock = None  # the open .lock file while this process holds it
+        self._named = False  # whether claim() named and created the folder
+
+    def claim(self, out_dir, default_name, resume):
+        """Lock out_dir, or with out_dir None a new folder runs/<default_name> (-2, -3, ... added
+        when that name is taken: two runs started in the same second). A new run refuses a folder
+        that holds run files."""
+        if out_dir is None:
+            out_dir, self._named = new_folder("runs", default_name), True
+        elif resume and not os.path.isdir(out_dir):
+            raise UserError(f"no run in {out_dir}: the folder does not exist (--resume continues the "
+                            f"run in --out-dir from its checkpoint.pt)")
+        ensure_writable_dir(out_dir)
+        self.out_dir = out_dir
+        lock = open(os.path.join(out_dir, ".lock"), "a+")
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise UserError(f"another run is using {out_dir} (pid {holder}); wait for it to end, or "
+                            f"choose another --out-dir")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+        found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+        if found and not resume:
+            advice = "continue it with --resume or choose" if "checkpoint.pt" in found else "choose"
+            raise UserError(f"{out_dir} already holds a run ({', '.join(found)}); {advice} another --out-dir")
+
+    def release(self):
+        if self._lock is None:
+            return
+        # a folder this run named and saved nothing in goes again, so that failed starts leave no
+        # empty folders in runs/; any other lock file stays (removed, two runs could lock two files
+        # of one name)
+        if self._named and os.listdir(self.out_dir) == [".lock"]:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.out_dir, ".lock"))
+                os.rmdir(self.out_dir)
+        self._lock.close()  # which releases the lock
+        self._lock = None
+
+    def write(self, name, write_fn):
+        """Write the run file `name` with write_fn(path), an atomic writer (save_checkpoint, ...).
+        Ctrl-C and SIGTERM wait until it is written; an OSError (a full disk, a folder made
+        read-only) stops the run with a message that says what is left."""
+        path = os.path.join(self.out_dir, name)
+        try:
+            with self.stop.deferred():
+                write_fn(path)
+        except OSError as error:
+            raise UserError(f"cannot write {path} ({error.strerror or error}); {self.outcome('intact')}")
+
+    def outcome(self, state, resumable=True):
+        """What the run leaves behind: its last checkpoint, in `state`, and how to continue from
+        it; or nothing."""
+        if self.saved is None:
+            return "nothing was saved"
+        text = f"the last checkpoint {os.path.join(self.out_dir, 'checkpoint.pt')} ({self.saved}) is {state}"
+        if resumable:  # quoted: a folder name with a space or a quote in it pastes as it is
+            text += f"; continue with: python training.py --resume --out-dir {shlex.quote(self.out_dir)}"
+        return text
+
+    def interrupted(self):
+        """The message of a run stopped by Ctrl-C or SIGTERM."""
+        when = " before training started" if self.out_dir is not None and not self.training else ""
+        return f"interrupted{when}; {self.outcome('saved')}"
+
+
+def new_folder(parent, name):
+    """Create parent/name, or parent/name-2, -3, ... where that exists; returns its path. mkdir
+    either creates a folder or fails, so two runs never get the same one."""
+    path = parent
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for number in itertools.count(1):
+            path = os.path.join(parent, name if number == 1 else f"{name}-{number}")
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise UserError(f"cannot create the run folder {path} ({error.strerror}); choose one with --out-dir")
+
+
+def checkpoint_point(epoch, step, steps_per_epoch=None):
+    """Where a checkpoint of (epoch, step) stands, as its messages name it: epoch is the number of
+    whole epochs done, step the steps done of the next one."""
+    if not step:
+        return f"epoch {epoch}"
+    return f"epoch {epoch + 1}, step {step}" + (f" of {steps_per_epoch}" if steps_per_epoch else "")
+
+
+def saved_config(checkpoint, path, needed):
+    """The configuration saved in a checkpoint; a UserError naming the file when it lacks a key
+    of `needed` (a checkpoint of another version of training.py, or an edited one)."""
+    config = checkpoint["config"]
+    missing = sorted(key for key in needed if key not in config) if isinstance(config, dict) else ["all"]
+    if missing:
+        raise UserError(f"the configuration saved in {path} lacks {', '.join(missing)} (written by another "
+                        f"version of training.py?); this version cannot use that checkpoint")
+    return dict(config)
+
+
+# what a checkpoint needs beyond load_checkpoint's keys to continue the run
+RESUME_KEYS = ("optimizer", "scaler", "ema", "step", "partial")
+
+
 def resolve_run(config, given, resume):
     """The run's configuration and, with --resume, its checkpoint: a resumed run keeps its saved
     configuration except RESUME_OVERRIDABLE. Returns (config, checkpoint or None)."""
     if not resume:
-        if not config["out_dir"]:
-            config["out_dir"] = os.path.join(
-                "runs", f"{config['dataset']}-{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
         return config, None
-    if not config.get("out_dir"):
-        raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
-    checkpoint = load_checkpoint(os.path.join(config["out_dir"], "checkpoint.pt"))
-    saved = dict(checkpoint["config"])
+    path = os.path.join(config["out_dir"], "checkpoint.pt")
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}, so the run cannot continue from it (a best.pt "
+                        f"copied over it, or a file of another version?); evaluate it with --eval-only "
+                        f"--checkpoint {shlex.quote(path)}, or start a new run in another --out-dir")
+    # an overridable setting may be missing: the command line (or the default) gives it
+    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE))
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
                      and saved.get(key) != config[key])
     if ignored:
         print(f"note: --resume uses the run's saved configuration; ignoring "
               f"{', '.join('--' + key.replace('_', '-') for key in ignored)}")
     for key in RESUME_OVERRIDABLE:
-        if key in given:
+        if key in given or key not in saved:
             saved[key] = config[key]
     if saved["epochs"] < checkpoint["epoch"]:
         raise UserError(f"the run in {config['out_dir']} has trained {checkpoint['epoch']} epochs "
                         f"already; --epochs {saved['epochs']} would end before that")
     saved["out_dir"] = config["out_dir"]
     return saved, checkpoint
+
+
+def restore(checkpoint, path, model, optimizer, scaler, ema, device):
+    """Load a checkpoint into the run's model, optimiser, gradient scaler and EMA. Returns
+    (epoch, step, partial sums) of the point it was saved at."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path} does not fit the run's model ({type(error).__name__}: {str(error)[:200]})")
+    # the fused AdamW kernel where this device has one, whichever device saved the checkpoint:
+    # load_state_dict takes 'fused' from the file (a CPU checkpoint would stay unfused on a GPU,
+    # and torch before 2.4 has no fused AdamW on the CPU)
+    for group in optimizer.param_groups:
+        group["fused"] = device.type == "cuda"
+    return checkpoint["epoch"], checkpoint["step"], checkpoint["partial"]
+
+
+def read_metrics(path, start_epoch):
+    """The records of metrics.jsonl up to start_epoch, for a resumed run (it writes the later
+    ones again). A line that is not a record stops the run with a message naming it."""
+    if not os.path.exists(path):
+        return []
+    history = []
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror})")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)
+                and all(isinstance(record.get(key), (int, float)) for key in ("seconds", "images_per_second"))):
+            raise UserError(f"{path}, line {number}, is not a metrics record: {line[:80]!r}; mend or delete "
+                            f"that line (or the file: the curves then begin at the resumed epoch)")
+        history.append(record)
+    return [record for record in history if record["epoch"] <= start_epoch]
+
+
+def dataset_classes(config):
+    """The class names of an image-folder dataset, its labels' meaning; None for the others."""
+    if config["dataset"] != "folder":
+        return None
+    try:
+        return folder_classes(config["data_dir"])
+    except DataError as error:
+        raise UserError(str(error))
+    except OSError as error:
+        raise UserError(f"cannot use the data folder {config['data_dir']}: {error}")
+
+
+def check_classes(saved, classes, path):
+    """Refuse an image folder whose classes are not those the model of `path` (whose saved
+    configuration is `saved`) was trained on: its labels would mean other classes."""
+    if classes is None:
+        return
+    trained = saved.get("classes")
+    if trained is None:  # a run saved before the names were kept: only their number is known
+        if saved.get("num_classes") in (None, len(classes)):
+            return
+        difference = f"{len(classes)} class folders, where it was trained on {saved['num_classes']} classes"
+    elif classes == trained:
+        return
+    else:
+        new, gone = sorted(set(classes) - set(trained)), sorted(set(trained) - set(classes))
+        difference = "; ".join(f"{what}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                               for what, names in (("new", new), ("missing", gone)) if names)
+    raise UserError(f"the class folders of {os.path.join(saved['data_dir'], 'train')} are not those "
+                    f"{path} was trained on ({difference}); point --data-dir at the data of that run")
 
 
 def load_data(config, rank, world_size, device):
@@ -379,32 +608,132 @@ def load_data(config, rank, world_size, device):
     return splits
 
 
+def available_memory(device):
+    """Bytes free for new tensors on device: the GPU's free memory, or the RAM the kernel reports
+    available (/proc/meminfo, else sysconf). None where neither is known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def parallel_form_bytes(model_config, batch_size, training):
+    """About the memory the parallel mLSTM form's S x S float32 matrices take at once for a batch:
+    in training every block keeps two (the scores and the decay) for its backward and about three
+    more exist at a time; in evaluation about three. A lower bound of what a step needs; 0 for the
+    chunkwise and recurrent forms."""
+    if model_config.mlstm_form != "parallel":
+        return 0
+    rows, cols = model_config.patch_grid
+    matrices = batch_size * model_config.num_heads * (rows * cols) ** 2 * 4  # float32 each
+    return matrices * (2 * model_config.depth + 3 if training else 3)
+
+
+def check_parallel_form_memory(model_config, device, train_batch_size=None):
+    """Refuse a model whose parallel form cannot fit: its S x S matrices alone, in training at
+    train_batch_size images per process (None: evaluation only) or in evaluation, need more
+    memory than the device has free. Out of memory on the first step says less."""
+    evaluation = parallel_form_bytes(model_config, EVAL_BATCH_SIZE, training=False)
+    training = parallel_form_bytes(model_config, train_batch_size, training=True) if train_batch_size else 0
+    free = available_memory(device)
+    if free is None or max(evaluation, training) <= free:
+        return
+    rows, cols = model_config.patch_grid
+    raise UserError(f"the parallel mLSTM form would need about {max(evaluation, training) / 2**30:.3g} GiB "
+                    f"for its S x S matrices in {'training' if training > evaluation else 'evaluation'} "
+                    f"(S = {rows * cols} patches of {model_config.patch_size} px, {model_config.num_heads} "
+                    f"heads, {model_config.depth} blocks), more than the {free / 2**30:.3g} GiB free on "
+                    f"{device}; use --mlstm-form chunkwise (memory linear in S) or a larger --patch-size"
+                    + (", or a smaller --batch-size" if training > evaluation else ""))
+
+
+def finite_weights(model, ema):
+    """Whether every weight of the model and of its EMA is finite (one device sync)."""
+    tensors = [value for value in model.state_dict().values() if value.is_floating_point()]
+    if ema is not None:
+        tensors += [value for value in ema.shadow.values() if value.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all())
+
+
+class CompileFallback:
+    """torch.compile(model), or the model itself once compiling has failed. Compilation happens at
+    the first call (and at a new input shape), and fails there on a machine without a working C
+    compiler or with a GPU that Triton does not support; --compile asks for speed only, so the run
+    goes on uncompiled after a note rather than losing the data loading it has done."""
+
+    def __init__(self, model, verbose):
+        self.model, self.compiled, self.verbose = model, torch.compile(model), verbose
+
+    def __call__(self, x):
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                if self.verbose:
+                    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                    print(f"note: torch.compile failed ({reason}); training without it", file=sys.stderr)
+                self.compiled = None
+        return self.model(x)
+
+
 def step_seed(seed, rank, global_step):
     """The seed of the global RNG (drop-path) at a training step: a function of the step alone,
     so that a resumed run draws exactly what an uninterrupted one would, on every process."""
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + global_step) % 2**63
 
 
-def train(config, given, resume):
+def train(config, given, resume, run):
+    """Train in run's folder (a RunFolder, from which main reports a run that stops), then evaluate
+    on the test set. Returns what final.json holds."""
+    stop = run.stop
+    if resume and not config["out_dir"]:
+        raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
+    if int(os.environ.get("RANK", "0")) == 0:
+        # the lock comes before anything is read from the folder, so before the process group
+        # (a resumed run's device is in its checkpoint); process 0, which alone writes the
+        # folder, holds it and names a new one
+        run.claim(config["out_dir"], f"{config['dataset']}-{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}",
+                  resume)
+        config["out_dir"] = run.out_dir
     config, checkpoint = resolve_run(config, given, resume)
+    if checkpoint is not None:
+        run.saved = checkpoint_point(checkpoint["epoch"], checkpoint["step"])
     check_config(config)
     rank, world_size, device = setup_distributed(resolve_device(config["device"]))
     is_main = rank == 0
+    if world_size > 1:  # the folder process 0 holds, which it may have named
+        shared = [run.out_dir]
+        dist.broadcast_object_list(shared, src=0)
+        run.out_dir = config["out_dir"] = shared[0]
+    out_dir = config["out_dir"]
     dtype = autocast_dtype(config["amp"], device)
+    allow_tf32(device)
     if config["batch_size"] % world_size:
         raise UserError(f"--batch-size {config['batch_size']} must divide evenly over "
                         f"{world_size} processes")
-    out_dir = config["out_dir"]
-    ensure_writable_dir(out_dir)  # every process checks, so that all of them stop together
-    if not resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
-        raise UserError(f"{out_dir} already holds a run (checkpoint.pt); continue it with "
-                        f"--resume or choose another --out-dir")
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
 
     # data: the whole split lives on the training device
     info = DATASETS[config["dataset"]]
+    classes = dataset_classes(config)
+    if checkpoint is not None:
+        check_classes(config, classes, checkpoint_path)
+    if classes is not None:
+        if len(classes) < 2:
+            raise UserError(f"{os.path.join(config['data_dir'], 'train')} has one class folder "
+                            f"({classes[0]}); a classifier needs at least 2 classes")
+        config["classes"] = classes
     (train_images, train_labels), (test_images, test_labels) = load_data(config, rank, world_size, device)
-    # a folder dataset's classes are its class folders, counted before --limit-train cuts any away
-    num_classes = info.num_classes or int(torch.cat([train_labels, test_labels]).max()) + 1
+    num_classes = len(classes) if classes is not None else info.num_classes
     val_images = val_labels = None
     if config["val_size"]:
         if config["val_size"] >= len(train_labels):
@@ -431,6 +760,7 @@ def train(config, given, resume):
     # model, optimiser, schedule; the same initial weights on every process
     torch.manual_seed(config["seed"])
     raw_model = build_model(config, num_classes, in_chans, (height, width)).to(device)
+    check_parallel_form_memory(raw_model.config, device, config["batch_size"] // world_size)
     config["model_config"] = dataclasses.asdict(raw_model.config)
     config["num_classes"] = num_classes
     optimizer = torch.optim.AdamW(raw_model.param_groups(config["weight_decay"]), lr=config["lr"],
@@ -443,27 +773,38 @@ def train(config, given, resume):
 
     start_epoch, start_step, partial = 0, 0, None
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        start_epoch, start_step, partial = checkpoint["epoch"], checkpoint["step"], checkpoint["partial"]
+        start_epoch, start_step, partial = restore(checkpoint, checkpoint_path, raw_model, optimizer, scaler,
+                                                   ema, device)
         del checkpoint
 
     model = raw_model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config["compile"]:
-        model = torch.compile(model)
+        model = CompileFallback(model, verbose=is_main)
     eval_model = copy.deepcopy(raw_model) if ema is not None else raw_model
 
-    def save(name, epoch, step, partial_sums):
-        # the data order and every random draw are functions of (seed, epoch, step): no RNG state
-        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                             epoch=epoch, step=step, partial=partial_sums, config=config),
-                        os.path.join(out_dir, name))
+    def save(epoch, step, partial_sums=None, best=False):
+        """checkpoint.pt (and best.pt) of the run after `step` steps of the epoch after `epoch`."""
+        # every process looks, so that all of them stop together: the weights turn NaN without a
+        # NaN loss when the last step of an epoch diverges, which the loss shows only a step later
+        if not finite_weights(raw_model, ema):
+            where = f"epoch {epoch + 1}, step {step} of {steps_per_epoch}" if step else f"the end of epoch {epoch}"
+            raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where}, while the "
+                                f"training loss was still finite")
+        if is_main:
+            # the data order and every random draw are functions of (seed, epoch, step): no RNG state
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                         epoch=epoch, step=step, partial=partial_sums, config=config)
+            # config.json comes with the checkpoint: a run stopped before its first one leaves no run
+            # file, so the same command can start it again
+            with stop.deferred():
+                run.write("config.json", lambda path: save_json(config, path))
+                run.write("checkpoint.pt", lambda path: save_checkpoint(state, path))
+                if best:
+                    run.write("best.pt", lambda path: save_checkpoint(state, path))
+        run.saved = checkpoint_point(epoch, step, steps_per_epoch)
 
     def evaluate_split(images, labels):
         if ema is not None:
@@ -472,13 +813,9 @@ def train(config, given, resume):
                         tta=mirror_tta(config, info.digits))
 
     history = []
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if is_main:
-        save_json(config, os.path.join(out_dir, "config.json"))
-        if resume and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                history = [json.loads(line) for line in f if line.strip()]
-            history = [record for record in history if record["epoch"] <= start_epoch]
+        if resume:
+            history = read_metrics(os.path.join(out_dir, "metrics.jsonl"), start_epoch)
         print(f"{config['dataset']}: {len(train_labels)} training images"
               f"{f', {len(val_labels)} validation' if val_images is not None else ''}, "
               f"{len(test_labels)} test | {config['model']}: {raw_model.num_params() / 1e6:.2f}M "
@@ -488,21 +825,12 @@ def train(config, given, resume):
         if resume:
             print(f"resuming after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
 
-    stop_signal = []
-    previous_handlers = {}
-
-    def on_signal(signum, frame):
-        # the first Ctrl-C or SIGTERM asks for a checkpoint and a clean stop; a second one acts as usual
-        stop_signal.append(signum)
-        signal.signal(signum, previous_handlers[signum])
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous_handlers[signum] = signal.signal(signum, on_signal)
     best_val_acc = max((record.get("val_acc", -1) for record in history), default=-1)
     train_seconds = sum(record["seconds"] for record in history)
     # reading the running sums makes a GPU wait for its queue, so it is done every 20 steps there
     log_every = 20 if device.type == "cuda" else 1
-    try:
+    run.training = True
+    with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
         for epoch in range(start_epoch, config["epochs"]):
             progress = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{config['epochs']}", is_main)
             # running sums on the device (loss * images, correct), read only every log_every steps
@@ -539,14 +867,14 @@ def train(config, given, resume):
                 seen += len(y)
                 last = step + 1 == steps_per_epoch
                 # a signal is acted on at the next check, taken by all processes at the same step
-                if not ((step + 1) % log_every == 0 or last or (world_size == 1 and stop_signal)):
+                if not ((step + 1) % log_every == 0 or last or (world_size == 1 and stop.requested)):
                     continue
                 loss_sum, correct = sums.tolist()
-                flags = torch.tensor([float(bool(stop_signal)), float(not math.isfinite(loss_sum))],
+                flags = torch.tensor([float(stop.requested), float(not math.isfinite(loss_sum))],
                                      device=device)
                 if world_size > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop, non_finite = bool(flags[0]), bool(flags[1])
+                stop_now, non_finite = bool(flags[0]), bool(flags[1])
                 if non_finite:  # checked before any save: a NaN run never overwrites a checkpoint
                     bad = torch.nonzero(~torch.isfinite(step_losses[:step + 1]))
                     where = f"step {int(bad[0]) + 1} of {steps_per_epoch}" if len(bad) else \
@@ -555,13 +883,11 @@ def train(config, given, resume):
                                         f"epoch {epoch + 1}, {where}")
                 elapsed = seconds_before + time.perf_counter() - epoch_start
                 progress.update(step + 1, loss_sum / seen, correct / seen, seen * world_size / max(elapsed, 1e-9))
-                if stop and not last:
+                if stop_now and not last:
                     progress.close()
-                    if is_main:
-                        save("checkpoint.pt", epoch, step + 1, dict(
-                            sums=sums.tolist(), step_losses=step_losses[:step + 1].tolist(),
-                            seen=seen, seconds=elapsed))
-                    raise Interrupted(f"epoch {epoch + 1}, step {step + 1}", out_dir)
+                    save(epoch, step + 1, dict(sums=sums.tolist(), step_losses=step_losses[:step + 1].tolist(),
+                                               seen=seen, seconds=elapsed))
+                    raise KeyboardInterrupt  # main reports it from run.saved, as any interruption
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = seconds_before + time.perf_counter() - epoch_start
@@ -575,22 +901,19 @@ def train(config, given, resume):
                 record["val_loss"], record["val_acc"] = evaluate_split(val_images, val_labels)
             if config["eval_test_every_epoch"]:
                 record["test_loss"], record["test_acc"] = evaluate_split(test_images, test_labels)
-            if is_main:
+            with stop.deferred():  # the epoch's files are written whole, whatever signal arrives
                 # the checkpoint first: a metrics line never refers to an epoch that is not saved
-                save("checkpoint.pt", epoch + 1, 0, None)
-                if val_images is not None and record["val_acc"] > best_val_acc:
-                    best_val_acc = record["val_acc"]
-                    save("best.pt", epoch + 1, 0, None)
-                history.append(record)
-                atomic_write(metrics_path, lambda f: f.write(
-                    "".join(json.dumps(line) + "\n" for line in history).encode()))
-                plot_curves(history, os.path.join(out_dir, "curves.png"))
-                print(epoch_summary(record, config["epochs"]), flush=True)
-            if stop_signal:
-                raise Interrupted(f"the end of epoch {epoch + 1}", out_dir)
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
+                best = val_images is not None and record["val_acc"] > best_val_acc
+                save(epoch + 1, 0, best=best)
+                best_val_acc = max(best_val_acc, record.get("val_acc", -1))
+                if is_main:
+                    history.append(record)
+                    run.write("metrics.jsonl", lambda path: atomic_write(path, lambda f: f.write(
+                        "".join(json.dumps(line) + "\n" for line in history).encode())))
+                    run.write("curves.png", lambda path: plot_curves(history, path))
+                    print(epoch_summary(record, config["epochs"]), flush=True)
+            if stop.requested:
+                raise KeyboardInterrupt
 
     test_loss, test_acc = evaluate_split(test_images, test_labels)
     images_trained = sum(record["images_per_second"] * record["seconds"] for record in history)
@@ -601,9 +924,14 @@ def train(config, given, resume):
                  autocast=str(dtype).replace("torch.", "") if dtype else "off", device=str(device),
                  world_size=world_size)
     if is_main:
-        save_json(final, os.path.join(out_dir, "final.json"))
+        run.write("final.json", lambda path: save_json(final, path))
         print(f"test accuracy {100 * test_acc:.2f}% (loss {test_loss:.4f}) after {config['epochs']} "
               f"epochs, {format_seconds(train_seconds)} of training | run folder {out_dir}")
+    if world_size > 1:
+        # all leave together: a process that ends its process group while process 0 still writes
+        # final.json aborts in gloo's teardown now and then ("terminate called without an active
+        # exception", exit code -6, in about a third of 2-process CPU runs here)
+        dist.barrier()
     return final
 
 
@@ -617,18 +945,23 @@ def epoch_summary(record, epochs):
                    f"{record['seconds']:.1f} s")
 
 
+# what --eval-only reads from a checkpoint's configuration
+EVAL_KEYS = ("dataset", "data_dir", "image_size", "amp", "flip", "model_config", "num_classes", "mean", "std")
+
+
 def evaluate_checkpoint(path, given):
     """--eval-only: rebuild the model from the checkpoint's own config, report test accuracy and
     write it to eval.json beside the checkpoint."""
     if not path:
         raise UserError("--eval-only needs --checkpoint PATH (a checkpoint.pt or best.pt of a run)")
     checkpoint = load_checkpoint(path)
-    config = dict(checkpoint["config"])
+    config = saved_config(checkpoint, path, EVAL_KEYS)
     for key in ("data_dir", "amp", "tta"):
         if key in given:
             config[key] = given[key]
     device = torch.device(resolve_device(given.get("device")))
     dtype = autocast_dtype(config["amp"], device)
+    allow_tf32(device)
     try:
         model = VisionLSTM(ViLConfig(**config["model_config"]))
         weights = checkpoint["ema"]["shadow"] if checkpoint.get("ema") is not None else checkpoint["model"]
@@ -636,6 +969,8 @@ def evaluate_checkpoint(path, given):
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} does not match this version's model ({type(error).__name__}: "
                         f"{str(error)[:200]})")
+    check_classes(config, dataset_classes(config), path)
+    check_parallel_form_memory(model.config, device)
     model.to(device)
     images, labels = load_split(config, train=False)
     pad_to = padding_for(images, config["model_config"]["img_size"])
@@ -654,30 +989,28 @@ def evaluate_checkpoint(path, given):
 
 
 def main(argv=None):
-    try:
-        config, given, resume, eval_only, checkpoint = parse_config(sys.argv[1:] if argv is None else argv)
-        if eval_only:
-            evaluate_checkpoint(checkpoint, {key: config[key] for key in given})
-        else:
-            train(config, given, resume)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as error:
-        print(f"error: {error}. Stopped; the checkpoint written before it, if any, is unchanged. "
-              f"Try a lower --lr, --grad-clip 1 or --amp off.", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C before training started (loading or downloading data)
-        print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
-    except Interrupted as interruption:
-        where, out_dir = interruption.args
-        print(f"\ninterrupted at {where}; checkpoint saved. Continue with: "
-              f"python training.py --resume --out-dir {out_dir}", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    with stop_requests() as stop:  # the whole run: loading data, training, evaluating
+        run = RunFolder(stop)
+        try:
+            config, given, resume, eval_only, checkpoint = parse_config(sys.argv[1:] if argv is None else argv)
+            if eval_only:
+                evaluate_checkpoint(checkpoint, {key: config[key] for key in given})
+            else:
+                train(config, given, resume, run)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except NonFiniteLoss as error:
+            print(f"error: {error}. Stopped; {run.outcome('unchanged', resumable=False)}. Try a lower --lr, "
+                  f"--grad-clip 1 or --amp off.", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM, wherever it arrived
+            print(f"\n{run.interrupted()}", file=sys.stderr)
+            return 130
+        finally:
+            run.release()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 

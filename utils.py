@@ -1,9 +1,14 @@
 """Small helpers of training.py (bench.py shares autocast): user-facing errors, atomic files,
-autocast, distributed setup, the learning-rate schedule, a weight EMA, a progress bar and the
-curves plot."""
+autocast, distributed setup, Ctrl-C and SIGTERM, the learning-rate schedule, a weight EMA, a
+progress bar and the curves plot."""
+import contextlib
+import datetime
 import json
 import math
 import os
+import re
+import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -19,10 +24,29 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- files
 
 def atomic_write(path, write_fn):
-    """Write a file through write_fn(file_object) into a temporary file beside `path`, then
-    rename it over `path`, so a crash or Ctrl-C never leaves a half-written file behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    """Write a file through write_fn(file_object) into a temporary file `.<name>.<8 random>.tmp`
+    beside `path`, then rename it over `path`, so a crash, Ctrl-C or SIGKILL never leaves a
+    half-written file under that name. The file gets the permissions of a plain open() (0o666
+    less the umask, or the folder's default ACL), so others can read it where they can read
+    the folder.
+
+    One writer per path is assumed (training.py locks its run folder): the temporary files of
+    `path` that a killed writer left behind are removed first, and with them those of any
+    other writer of the same path at the same time."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")  # mkstemp's names too
+    for entry in os.listdir(folder):
+        if temporary.fullmatch(entry):
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove: no harm
+                os.remove(os.path.join(folder, entry))
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            # O_EXCL with mode 0o666, where the kernel applies the umask: mkstemp would give 0o600
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
@@ -30,9 +54,16 @@ def atomic_write(path, write_fn):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    # the new name is on disk once the folder is; not every filesystem can fsync a folder
+    with contextlib.suppress(OSError):
+        folder_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
 
 
 def save_checkpoint(obj, path):
@@ -73,6 +104,9 @@ def ensure_writable_dir(path):
 
 # ----------------------------------------------------------------------------- distributed
 
+DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def setup_distributed(device_name):
     """Start the process group when launched by torchrun (RANK/WORLD_SIZE set).
     Returns (rank, world_size, device). One process: (0, 1, device_name)."""
@@ -84,7 +118,9 @@ def setup_distributed(device_name):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # the others wait in a collective while process 0 downloads and decodes the data, which can take
+    # longer than the default timeout (10 minutes for NCCL)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DISTRIBUTED_TIMEOUT)
     return rank, world_size, device
 
 
@@ -95,6 +131,65 @@ def all_reduce_sum(values, device):
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+# ----------------------------------------------------------------------------- signals
+
+class StopRequests:
+    """What Ctrl-C (SIGINT) and SIGTERM do during a run (installed by stop_requests).
+
+    Inside in_loop() (the training loop, which reads `requested` at every step) the first signal,
+    and a second one (a key pressed twice), only set `requested`: the loop saves a checkpoint and
+    stops at its next check. Elsewhere (loading data, the final evaluation), and at a third signal
+    (a run that seems stuck), a signal raises KeyboardInterrupt, so that the code that reports an
+    interruption runs either way. Inside deferred() (run files being written) that
+    KeyboardInterrupt waits until the block is done: it never cuts a checkpoint short."""
+
+    def __init__(self):
+        self.requested = False
+        self.signals = 0
+        self._in_loop, self._deferring, self._pending = False, 0, False
+
+    def handle(self, signum, frame):
+        self.signals += 1
+        if self._in_loop and self.signals < 3:
+            self.requested = True
+        elif self._deferring:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def in_loop(self):
+        self._in_loop = True
+        try:
+            yield
+        finally:
+            self._in_loop = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if self._pending and not self._deferring:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT and SIGTERM go to a StopRequests (yielded) until the block ends, when the previous
+    handlers return. So SIGTERM ends a run as Ctrl-C does, with a message, not silently."""
+    stop = StopRequests()
+    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -132,15 +227,22 @@ class WeightEMA:
         self.decay = decay
         self.updates = 0
         self.shadow = {name: value.detach().clone().float() for name, value in model.state_dict().items()}
+        self.model, self.averaged = None, None  # the tensors update() reads, listed once per model
 
     @torch.no_grad()
     def update(self, model):
+        if model is not self.model:
+            # state_dict() walks every module, too slow for every step; its tensors share storage
+            # with the parameters and buffers, so one list serves as long as the model is not moved
+            # to another device or dtype
+            state = model.state_dict()
+            floats = [name for name, value in self.shadow.items() if value.is_floating_point()]
+            self.model, self.averaged = model, ([self.shadow[name] for name in floats],
+                                                [state[name] for name in floats])
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        state = model.state_dict()
-        floats = [name for name, value in self.shadow.items() if value.is_floating_point()]
-        torch._foreach_lerp_([self.shadow[name] for name in floats],
-                             [state[name].float() for name in floats], 1.0 - decay)
+        averages, current = self.averaged
+        torch._foreach_lerp_(averages, [value.float() for value in current], 1.0 - decay)
 
     def state_dict(self):
         return {"shadow": self.shadow, "updates": self.updates}
@@ -151,8 +253,7 @@ class WeightEMA:
             self.shadow[name].copy_(value)
 
     def copy_to(self, model):
-        model.load_state_dict({name: value.to(model.state_dict()[name].dtype)
-                               for name, value in self.shadow.items()})
+        model.load_state_dict(self.shadow)  # copied into each tensor in that tensor's dtype
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -202,9 +303,21 @@ class ProgressBar:
             self.stream.flush()
 
 
+_noted_missing_matplotlib = False
+
+
 def plot_curves(history, path):
-    """Draw loss and accuracy per epoch from metrics.jsonl records into a PNG."""
-    import matplotlib
+    """Draw loss and accuracy per epoch from metrics.jsonl records into a PNG. Without matplotlib
+    there is no plot, and a note says so once per process."""
+    global _noted_missing_matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        if not _noted_missing_matplotlib:
+            _noted_missing_matplotlib = True
+            print(f"note: matplotlib is not installed, so {os.path.basename(path)} is not drawn "
+                  f"(pip install matplotlib); the metrics are in metrics.jsonl", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

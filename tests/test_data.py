@@ -3,15 +3,21 @@ and the properties of the on-device batch pipeline."""
 
 import gzip
 import hashlib
+import http.client
 import http.server
 import io
+import json
 import os
 import pickle
+import signal
 import socket
 import stat
+import struct
 import sys
 import tarfile
 import threading
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -205,6 +211,47 @@ def test_verification_is_remembered_and_a_changed_file_is_checked_again(tmp_path
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("how", ["replaced", "rewritten-in-place"])
+def test_a_file_changed_with_its_size_and_mtime_kept_is_checked_again(tmp_path, how):
+    # rsync -t and tar put a new file in place, cp -p rewrites the old one; all keep size and mtime
+    install(tmp_path, tiny_files("mnist"))
+    data.load_dataset("mnist", tmp_path, train=True)  # verified and remembered
+    path = tmp_path / "MNIST/raw/train-images-idx3-ubyte.gz"
+    st = os.stat(path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    if how == "replaced":
+        copy = tmp_path / "corrupt-copy"
+        copy.write_bytes(bytes(raw))
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(copy, path)
+    else:
+        time.sleep(0.05)  # past the granularity of the kernel's clock for ctime
+        path.write_bytes(bytes(raw))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(data.DataError, match=f"{path}: md5 is .*Delete it so it is downloaded again"):
+        data.load_dataset("mnist", tmp_path, train=True)
+
+
+@pytest.mark.parametrize("record", [b"[]", b"7", b"null", b'"verified"', b"\xff\xfe\x00\x89garbage", b"{\"a\": ",
+                                    b"[" * 100_000, b'{"%(path)s": [1, 2], "%(path)s.gz": "yes", "x": {}}'],
+                         ids=["list", "number", "null", "string", "binary", "cut", "deep", "bad-entries"])
+def test_a_broken_verification_record_counts_as_empty_and_is_rewritten(tmp_path, monkeypatch, record):
+    install(tmp_path, tiny_files("mnist"))
+    path = os.path.realpath(tmp_path / "MNIST/raw/train-images-idx3-ubyte.gz")
+    (tmp_path / ".vil-verified.json").write_bytes(record.replace(b"%(path)s", path.encode()))
+    calls = []
+    real_md5 = data._md5
+    monkeypatch.setattr(data, "_md5", lambda path: calls.append(path) or real_md5(path))
+    images, _ = data.load_dataset("mnist", tmp_path, train=True)
+    assert images.shape == (12, 1, 28, 28) and len(calls) == 2  # no traceback, both files checked: nothing trusted
+    with open(tmp_path / ".vil-verified.json") as f:
+        assert path in json.load(f)  # a good record again
+    data.load_dataset("mnist", tmp_path, train=True)
+    assert len(calls) == 2
+
+
 def make_read_only(root):
     for folder, _, _ in os.walk(root):
         os.chmod(folder, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
@@ -312,6 +359,48 @@ def test_download_mnist_from_the_second_mirror(tmp_path, server):
     assert server.requests == []  # present files are not fetched again
 
 
+def test_downloaded_and_remembered_files_are_readable_by_others(tmp_path, server):
+    serve_mnist(server, tmp_path)
+    data.MIRRORS["mnist"] = [server.url]
+    previous = os.umask(0o022)
+    try:
+        data.load_dataset("mnist", tmp_path, train=True)
+    finally:
+        os.umask(previous)
+    modes = {rel: stat.S_IMODE(os.stat(tmp_path / rel).st_mode) for rel in all_files(tmp_path)}
+    assert modes == {".vil-verified.json": 0o644, "MNIST/raw/train-images-idx3-ubyte.gz": 0o644,
+                     "MNIST/raw/train-labels-idx1-ubyte.gz": 0o644}
+
+
+@pytest.mark.parametrize("signum,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_download_stopped_by_a_signal_leaves_nothing(tmp_path, server, monkeypatch, signum, raised):
+    serve_mnist(server, tmp_path)
+    data.MIRRORS["mnist"] = [server.url]
+
+    def exit_on_sigterm(signum, frame):  # as training.py turns SIGTERM into an exception
+        raise SystemExit(128 + signum)
+
+    handler = signal.default_int_handler if signum == signal.SIGINT else exit_on_sigterm
+    previous = signal.signal(signum, handler)
+    real_read = http.client.HTTPResponse.read
+    blocks = []
+
+    def read_then_signal(self, amount=None):  # the signal arrives after the first 100 bytes are written
+        if blocks:
+            os.kill(os.getpid(), signum)
+        blocks.append(real_read(self, 100))
+        return blocks[-1]
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", read_then_signal)
+    try:
+        with pytest.raises(raised):
+            data.load_dataset("mnist", tmp_path, train=True)
+    finally:
+        signal.signal(signum, previous)
+    assert len(blocks) >= 1 and all_files(tmp_path) == []  # no partial file, hidden or not
+
+
 def test_download_cifar_archive_is_unpacked_and_removed(tmp_path, server):
     files = tiny_files("cifar10")
     server.files["cifar-10-python.tar.gz"] = tar_gz(files)
@@ -416,6 +505,42 @@ def test_image_folder_decodes_resizes_and_caches(tmp_path, monkeypatch):
         data.load_dataset("folder", tmp_path / "nowhere", train=True)
 
 
+def test_image_folder_cache_notices_an_image_replaced_with_its_size_and_mtime_kept(tmp_path):
+    os.makedirs(tmp_path / "train" / "cat")
+    path = tmp_path / "train" / "cat" / "0.bmp"  # uncompressed: the same size whatever the pixels
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(path)
+    before, _ = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    st = os.stat(path)
+    copy = tmp_path / "copy.bmp"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(copy)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(copy, path)  # as rsync -t does
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after, _ = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    assert int(before.max()) == 10 and int(after.min()) == 200
+
+
+def png_declaring(width, height):
+    """A valid PNG signature and IHDR chunk declaring width x height RGB pixels, with no pixel data."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("image", ["bomb.png", "cut.jpg", "empty.webp"])
+def test_image_folder_names_the_file_it_cannot_decode(tmp_path, image):
+    os.makedirs(tmp_path / "train" / "cat")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "good.png")
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(jpeg, "JPEG")
+    broken = {"bomb.png": png_declaring(30000, 30000),  # 900 megapixels: Pillow's decompression-bomb limit
+              "cut.jpg": jpeg.getvalue()[:40], "empty.webp": b""}
+    (tmp_path / "train" / "cat" / image).write_bytes(broken[image])
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'train' / 'cat' / image}: cannot decode this image"):
+        data.load_dataset("folder", tmp_path, train=True, image_size=8)
+
+
 def test_split_train_val_is_disjoint_complete_and_seeded():
     images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
     labels = torch.arange(100)
@@ -497,7 +622,7 @@ def test_crop_moves_pixels_and_keeps_the_rest():
     assert len(set(shifts)) > 20
 
 
-def test_digits_are_padded_to_32_and_recipes_do_not_flip_them():
+def test_digits_are_padded_to_32():
     images = torch.randint(1, 256, (N, 1, 28, 28), dtype=torch.uint8)
     info = data.DATASETS["mnist"]
     assert info.pad_to == 32 and info.digits
@@ -505,7 +630,6 @@ def test_digits_are_padded_to_32_and_recipes_do_not_flip_them():
     x, _ = next(loader.epoch(0))
     assert x.shape == (N, 1, 32, 32)
     assert float(x[:, :, 2:30, 2:30].min()) > 0 and float(x[:, :, :2].abs().sum() + x[:, :, :, 30:].abs().sum()) == 0
-    assert not data.augment_recipe("strong", digits=True).flip and data.augment_recipe("strong").flip
 
 
 @pytest.mark.parametrize("op", data.POLICY_OPS)
@@ -561,6 +685,17 @@ def test_policies_keep_shape_and_range(policy):
     assert float(changed.float().mean()) > 0.75  # some may draw only identity
 
 
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_policy_applied_batch_wide_equals_the_policy_applied_to_the_groups_that_drew_each_op(policy):
+    # the GPU's path (every op on the whole batch, kept by torch.where: no host sync) against the CPU's
+    x = torch.randint(0, 256, (N, 3, 16, 16)).float() / 255
+    augment = data.Augment(policy=policy, policy_ops=3, policy_magnitude=15)
+    for seed in range(3):
+        grouped = data._policy(x.clone(), augment, torch.Generator().manual_seed(seed), batch_wide=False)
+        wide = data._policy(x.clone(), augment, torch.Generator().manual_seed(seed), batch_wide=True)
+        assert torch.equal(wide, grouped) and not torch.equal(wide, x)
+
+
 def test_random_erasing_blanks_one_rectangle():
     images, loader = raw_loader(data.Augment(erasing_prob=1.0))
     x, y = next(loader.epoch(0))
@@ -596,13 +731,15 @@ def test_cutmix_pastes_a_box_in_proportion_to_its_target():
         assert abs(float(second.float().mean()) - float(weights[1])) < 1e-6
 
 
-def test_strong_recipe_shapes_dtype_range_and_determinism():
+def test_every_augmentation_shapes_dtype_range_and_determinism():
     images, labels = numbered_images(size=32)
     info = data.DATASETS["cifar10"]
+    every_augmentation = data.Augment(crop_padding=4, flip=True, policy="randaugment", erasing_prob=0.25,
+                                      mixup_alpha=0.8, cutmix_alpha=1.0)
 
-    def loader(seed, **kwargs):
+    def loader(seed):
         return data.DeviceLoader(images, labels, 16, num_classes=N, mean=info.mean, std=info.std, train=True,
-                                 augment=data.augment_recipe("strong"), seed=seed, **kwargs)
+                                 augment=every_augmentation, seed=seed)
 
     batches = list(loader(0).epoch(2))
     low = (0 - torch.tensor(info.mean)) / torch.tensor(info.std)
@@ -616,8 +753,6 @@ def test_strong_recipe_shapes_dtype_range_and_determinism():
     assert not torch.equal(batches[0][0], other[0][0])
     resumed = list(loader(0).epoch(2, start_step=2))
     assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(resumed, batches[2:]))
-    x, _ = next(loader(0, dtype=torch.bfloat16).epoch(0))
-    assert x.dtype == torch.bfloat16
 
 
 def test_shards_are_disjoint_and_complete():
@@ -642,16 +777,8 @@ def test_bad_settings_raise_value_error():
         data.Augment(policy="autoaugment")
     with pytest.raises(ValueError, match="probabilities"):
         data.Augment(erasing_prob=1.5)
-    with pytest.raises(ValueError, match="recipe"):
-        data.augment_recipe("extreme")
     with pytest.raises(ValueError, match="no full batch"):
         raw_loader(data.Augment(), batch_size=N + 1)
-
-
-def test_limit_uses_only_the_first_images():
-    _, loader = raw_loader(data.Augment(), batch_size=4, limit=20)
-    assert len(loader) == 5
-    assert sorted(torch.cat([y for _, y in loader.epoch(0)]).tolist()) == list(range(20))
 
 
 # -----------------------------------------------------------------------------

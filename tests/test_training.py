@@ -2,7 +2,9 @@
 evaluation of saved checkpoints and DistributedDataParallel on CPU. Runs use a tiny image-folder
 dataset written by the tests and a tiny model, so each takes seconds."""
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,8 +205,8 @@ def test_a_new_run_never_overwrites_an_existing_checkpoint(data_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "imagenet"], "unknown dataset"),
-    (["--model", "vil-xxl"], "unknown model"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--model", "vil-xxl"], "--model"),
     (["--epochs", "0"], "--epochs"),
     (["--lr", "-1"], "--lr"),
     (["--patch-size", "5"], "patch"),
@@ -324,3 +326,463 @@ def test_progress_lines_reach_a_log_file(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     progress = [line for line in result.stderr.splitlines() if line.startswith("epoch 1/1 ")]
     assert progress and all("img/s" in line for line in progress), result.stderr
+
+
+# The flags: one table (training.FLAGS), from which the command line, its checks, --help and
+# README.md's "Flags" follow.
+FLAGS = {name: flag for flags in training.FLAGS.values() for name, flag in flags.items()}
+FLOAT_FLAGS = [name for name, flag in FLAGS.items() if flag.type is float]
+RANGED_FLAGS = [name for name, flag in FLAGS.items() if isinstance(flag.allowed, str)]
+SAVED_RUN_FLAGS = ["resume", "eval-only", "checkpoint"]  # what to do, not settings of a run
+
+
+def option(name):
+    return "--" + name.replace("_", "-")
+
+
+def refusal(args):
+    """The message of the UserError that parse_config raises for args; None when it accepts them."""
+    try:
+        config = training.parse_config(list(args))[0]
+    except training.UserError as error:
+        return str(error)
+    json.dumps(config, allow_nan=False)  # an accepted configuration is plain JSON: no NaN, no inf
+    return None
+
+
+def ends(flag):
+    """The values next to each end of flag's range: (lowest allowed, highest allowed), (nearest
+    refused below, nearest refused above)."""
+    low, high, low_included, high_included = flag.interval()
+    if flag.type is int:
+        down, up = (lambda x: x - 1), (lambda x: x + 1)
+    else:
+        down, up = (lambda x: math.nextafter(x, -math.inf)), (lambda x: math.nextafter(x, math.inf))
+    inside = (low if low_included else up(low), high if high_included else down(high))
+    outside = (down(low) if low_included else low, up(high) if high_included else high)
+    return inside, outside
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_FLAGS)
+def test_every_float_flag_refuses_nan_and_inf_by_name_and_writes_nothing(data_dir, tmp_path, capsys, name, value):
+    out = tmp_path / "run"
+    # --flag=-inf: argparse takes a lone -inf for a flag of its own
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1",
+                                      f"{option(name)}={value}"], capsys)
+    assert code == 2, captured.err
+    assert captured.err.startswith(f"error: {option(name)} must be a finite number in "), captured.err
+    assert captured.err.rstrip().endswith(f"got {value}"), captured.err
+    assert not out.exists()  # so no config.json with a NaN in it
+
+
+@pytest.mark.parametrize("name", RANGED_FLAGS)
+def test_each_range_accepts_its_ends_and_refuses_the_nearest_values_outside(name):
+    flag = FLAGS[name]
+    inside, outside = ends(flag)
+    for value in inside:
+        assert refusal([f"{option(name)}={value!r}"]) is None, (name, value)
+    kind = "an integer" if flag.type is int else "a finite number"
+    for value in outside:
+        assert refusal([f"{option(name)}={value!r}"]) == \
+            f"{option(name)} must be {kind} in {flag.allowed}, got {value!r}"
+
+
+def test_a_seed_beyond_64_bits_is_refused(data_dir, tmp_path, capsys):
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "run"),
+                                      "--seed", str(2**64)], capsys)
+    assert code == 2 and captured.err.startswith("error: --seed must be an integer in "), captured.err
+    assert refusal(["--seed", str(2**63 - 1)]) is None
+
+
+@pytest.mark.parametrize("name", ["crop_padding", "policy_ops", "policy_magnitude", "erasing", "mixup", "cutmix"])
+def test_augmentation_ranges_agree_with_data_augment(name):
+    inside, outside = ends(FLAGS[name])
+    for value in inside:  # what the table allows, data.Augment builds
+        config = dict(training.DEFAULTS, policy="randaugment", **{name: value})
+        training.check_config(config)
+        training.make_augment(config, digits=False)
+    # below the range both refuse, the table first, with the flag's name instead of a dataclass repr
+    config = dict(training.DEFAULTS, policy="randaugment", **{name: outside[0]})
+    with pytest.raises(training.UserError, match=f"^{option(name)} must be"):
+        training.check_config(config)
+    with pytest.raises(training.UserError, match="bad augmentation flags"):
+        training.make_augment(config, digits=False)
+
+
+def test_erasing_always_and_no_policy_operations_as_data_augment_says():
+    assert refusal(["--erasing", "1.0"]) is None  # erase every image: data.Augment allows it
+    assert refusal(["--policy-ops", "0"]) == \
+        f"--policy-ops must be an integer in [1, {len(training.POLICY_OPS)}], got 0"
+    for policy in FLAGS["policy"].allowed:
+        assert training.make_augment(dict(training.DEFAULTS, policy=policy), digits=False).policy == policy
+
+
+def test_model_flags_agree_with_the_model():
+    for value in ends(FLAGS["drop_path"])[0]:
+        training.ViLConfig(drop_path=value)
+    with pytest.raises(ValueError):
+        training.ViLConfig(drop_path=ends(FLAGS["drop_path"])[1][1])
+    for name in ("pooling", "conv_kind", "mlstm_form"):  # ViLConfig's fields of the same names
+        for value in FLAGS[name].allowed:
+            assert getattr(training.ViLConfig(**{name: value}), name) == value
+    label_smoothing = ends(FLAGS["label_smoothing"])[0][1]
+    torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("args", [["--image-size", "100000"], ["--pad-to", "100000"], ["--dim", "1000000"],
+                                  ["--depth", "100000"], ["--crop-padding", "100000"],
+                                  ["--batch-size", str(2**40)]])
+def test_huge_sizes_are_refused_before_any_data_is_loaded_or_model_built(data_dir, tmp_path, capsys,
+                                                                        monkeypatch, args):
+    def must_not_be_reached(*args, **kwargs):
+        raise AssertionError("the run went on to load data or build the model")
+
+    monkeypatch.setattr(training, "load_dataset", must_not_be_reached)
+    monkeypatch.setattr(training, "create_model", must_not_be_reached)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "run")] + args, capsys)
+    assert code == 2 and captured.err.startswith(f"error: {args[0]} must be an integer in "), captured.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_defaults_pass_the_checks_and_recipes_list_only_what_differs():
+    training.check_config(training.DEFAULTS)
+    for dataset, recipe in training.RECIPES.items():
+        assert dataset in FLAGS["dataset"].allowed
+        for name, value in recipe.items():
+            assert name in FLAGS and value != training.DEFAULTS[name], (dataset, name)
+        training.check_config({**training.DEFAULTS, **recipe, "dataset": dataset})
+    assert set(training.RESUME_OVERRIDABLE) <= set(FLAGS)
+
+
+def test_help_shows_every_flag_with_its_range():
+    text = " ".join(training.build_parser().format_help().split())  # argparse wraps lines
+    for name, flag in FLAGS.items():
+        assert option(name) in text
+        if isinstance(flag.allowed, str):
+            assert f"in {flag.allowed}" in text, name
+
+
+def test_readme_lists_the_flags_of_the_table_group_by_group():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| group |")]
+    listed = {group: re.findall(r"`--([a-z0-9-]+)", flags) for group, flags in rows}
+    expected = {title: [option(name)[2:] for name in flags] for title, flags in training.FLAGS.items()}
+    assert listed == {**expected, "continue or evaluate a saved run": SAVED_RUN_FLAGS}
+    for group, flags in rows:
+        for name in training.FLAGS.get(group, {}):
+            for choice in FLAGS[name].allowed if isinstance(FLAGS[name].allowed, tuple) else ():
+                assert choice in flags, (name, choice)
+
+
+# Robustness: the run folder belongs to one run, nothing non-finite or half-written is saved, a
+# damaged or mismatched run folder gets a message, and an interrupted run says truly what it left.
+
+def one_epoch_run(data_dir, out, *args):
+    code = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1", *args])[0]
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    """A run folder after one epoch, for tests that copy it and damage the copy."""
+    return one_epoch_run(data_dir, tmp_path_factory.mktemp("trained") / "run")
+
+
+def copy_run(trained_run, tmp_path, name="run"):
+    import shutil
+    return shutil.copytree(trained_run, tmp_path / name)
+
+
+def test_a_run_folder_in_use_by_another_run_refuses_a_second_one(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = training.RunFolder(None)  # the first run: it holds the folder's lock
+    holder.claim(str(out), "unused", resume=False)
+    try:
+        for args in (TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"],
+                     ["--resume", "--out-dir", str(out)]):
+            code, captured = run_main(args, capsys)
+            assert code == 2
+            assert captured.err == f"error: another run is using {out} (pid {os.getpid()}); wait for it to " \
+                                   f"end, or choose another --out-dir\n"
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.release()
+
+
+def test_runs_started_in_the_same_second_without_out_dir_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = training.RunFolder(None), training.RunFolder(None)
+    try:
+        first.claim(None, "folder-vil-seed-20261125-101500", resume=False)
+        second.claim(None, "folder-vil-seed-20261125-101500", resume=False)
+        assert first.out_dir == os.path.join("runs", "folder-vil-seed-20261125-101500")
+        assert second.out_dir == first.out_dir + "-2"
+    finally:
+        first.release()
+        second.release()
+    assert os.listdir("runs") == []  # neither saved anything: no empty folders left behind
+
+
+@pytest.mark.parametrize("name", training.RUN_FILES)
+def test_a_new_run_refuses_a_folder_that_holds_any_run_file(data_dir, tmp_path, capsys, name):
+    # e.g. a folder whose checkpoint.pt was deleted: its best.pt, metrics.jsonl and final.json stay
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text("of an earlier run")
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"], capsys)
+    assert code == 2 and captured.err.startswith(f"error: {out} already holds a run ({name})"), captured.err
+    assert sorted(os.listdir(out)) == [".lock", name] and (out / name).read_text() == "of an earlier run"
+
+
+def test_weights_that_turn_nan_on_the_last_step_of_an_epoch_are_never_saved(data_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    # the loss of that step is finite (computed before the step); the NaN gradient makes the weights NaN
+    out, calls = tmp_path / "run", []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_then_poison(parameters, max_norm):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == 6 + 6:  # the last step of epoch 2 (6 steps per epoch)
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    parameter.grad.fill_(float("nan"))
+        return real_clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_poison)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "2",
+                                      "--ema", "0.5"], capsys)
+    assert code == 1, captured.err
+    message = captured.err.splitlines()[-1]  # after the progress lines
+    assert message.startswith("error: the weights became non-finite (nan or inf) by the end of epoch 2")
+    assert f"the last checkpoint {out / 'checkpoint.pt'} (epoch 1) is unchanged" in message
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+    assert not (out / "final.json").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_full_disk_at_the_end_of_an_epoch_stops_with_a_message_and_keeps_the_last_checkpoint(
+        data_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    out, calls = tmp_path / "run", []
+    real_save = training.save_checkpoint
+
+    def full_disk_at_epoch_2(state, path):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(state, path)
+
+    monkeypatch.setattr(training, "save_checkpoint", full_disk_at_epoch_2)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3"], capsys)
+    assert code == 2
+    checkpoint = out / "checkpoint.pt"
+    assert captured.err.splitlines()[-1].startswith(
+        f"error: cannot write {checkpoint} (No space left on device); the last checkpoint {checkpoint} "
+        f"(epoch 1) is intact; continue with: "), captured.err
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+def without(path, key, inside=None):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    del (checkpoint[inside] if inside else checkpoint)[key]
+    torch.save(checkpoint, path)
+
+
+def test_a_damaged_run_folder_gets_a_message_naming_the_file(trained_run, data_dir, tmp_path, capsys):
+    cases = {  # what is damaged -> (the file the message names, what it says)
+        "metrics": ("metrics.jsonl", "line 2, is not a metrics record"),
+        "optimizer": ("checkpoint.pt", "lacks optimizer"),
+        "step": ("checkpoint.pt", "lacks step"),
+        "partial": ("checkpoint.pt", "lacks partial"),
+        "config": ("checkpoint.pt", "lacks lr, weight_decay"),
+    }
+    for case, (name, message) in cases.items():
+        out = copy_run(trained_run, tmp_path, case)
+        if case == "metrics":
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write('{"epoch": 2, "train_lo\n')
+        elif case == "config":
+            for key in ("lr", "weight_decay"):
+                without(out / "checkpoint.pt", key, inside="config")
+        else:
+            without(out / "checkpoint.pt", case)
+        code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+        assert code == 2, (case, captured.err)
+        assert captured.err.startswith("error: ") and str(out / name) in captured.err, (case, captured.err)
+        assert message in captured.err, (case, captured.err)
+    out = copy_run(trained_run, tmp_path, "eval")
+    without(out / "checkpoint.pt", "model_config", inside="config")
+    code, captured = run_main(["--eval-only", "--checkpoint", str(out / "checkpoint.pt")], capsys)
+    assert code == 2 and "lacks model_config" in captured.err and str(out / "checkpoint.pt") in captured.err
+
+
+def test_image_folder_classes_are_saved_and_a_change_is_refused(trained_run, data_dir, tmp_path, capsys):
+    import shutil
+    assert json.loads((trained_run / "config.json").read_text())["classes"] == ["dark", "light"]
+    renamed = tmp_path / "renamed"  # "light" renamed "bright": same count, other meaning
+    shutil.copytree(data_dir, renamed, ignore=shutil.ignore_patterns(".vil-cache"))
+    for split in ("train", "test"):
+        os.rename(renamed / split / "light", renamed / split / "bright")
+    out = copy_run(trained_run, tmp_path)
+    for args in (["--resume", "--out-dir", str(out), "--epochs", "2", "--data-dir", str(renamed)],
+                 ["--eval-only", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", str(renamed)]):
+        code, captured = run_main(args, capsys)
+        assert code == 2, captured.err
+        assert captured.err.startswith(f"error: the class folders of {renamed / 'train'} are not those "
+                                       f"{out / 'checkpoint.pt'} was trained on (new: bright; missing: light)")
+    single = tmp_path / "single"  # one class: nothing to tell apart
+    write_folder_dataset(str(single), train_per_class=16, test_per_class=4)
+    for split in ("train", "test"):
+        shutil.rmtree(single / split / "light")
+    code, captured = run_main(TINY + ["--data-dir", str(single), "--out-dir", str(tmp_path / "one"),
+                                      "--epochs", "1"], capsys)
+    assert code == 2 and "needs at least 2 classes" in captured.err, captured.err
+
+
+def test_a_resumed_optimizer_uses_the_fused_kernel_of_this_device(trained_run, tmp_path):
+    out = copy_run(trained_run, tmp_path)
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"] = True  # as a run on a GPU saves it
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert run_main(["--resume", "--out-dir", str(out), "--epochs", "2"])[0] == 0
+    resumed = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert [group["fused"] for group in resumed["optimizer"]["param_groups"]] == \
+        [False] * len(resumed["optimizer"]["param_groups"])
+
+
+def test_sigterm_while_the_data_loads_stops_with_a_message_and_saves_nothing(data_dir, tmp_path):
+    out = tmp_path / "run"
+    # training.py with a data loader that takes a minute, as a large dataset does
+    script = ("import sys, time, training\n"
+              "def slow_load(*args, **kwargs):\n"
+              "    print('loading', file=sys.stderr, flush=True)\n"
+              "    time.sleep(60)\n"
+              "training.load_dataset = slow_load\n"
+              "sys.exit(training.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-c", script, *TINY, "--data-dir", data_dir, "--out-dir", str(out)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.stderr.readline() not in ("loading\n", ""):
+        pass
+    process.send_signal(signal.SIGTERM)
+    out_text, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.endswith("\ninterrupted before training started; nothing was saved\n")
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_ctrl_c_in_the_final_evaluation_names_the_checkpoint_and_a_command_that_pastes(data_dir, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import shlex
+    out = tmp_path / "my run"  # a space in the folder's name
+    real_evaluate = training.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", interrupted_evaluate)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"], capsys)
+    assert code == 130
+    message, command = captured.err.splitlines()[-1].split("; continue with: ")
+    assert message == f"interrupted; the last checkpoint {out / 'checkpoint.pt'} (epoch 1) is saved"
+    assert not (out / "final.json").exists()
+    monkeypatch.undo()
+    args = shlex.split(command)
+    assert args[:2] == ["python", "training.py"] and args[2:] == ["--resume", "--out-dir", str(out)]
+    assert run_main(args[2:])[0] == 0
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+
+
+def test_ctrl_c_pressed_twice_still_saves_the_partial_epoch(data_dir, tmp_path, capsys, monkeypatch):
+    out, calls = tmp_path / "run", []
+    real_cross_entropy = training.F.cross_entropy
+
+    def loss_then_two_interrupts(logits, target, **kwargs):
+        if kwargs.get("reduction", "mean") == "mean":
+            calls.append(1)
+            if len(calls) == 6 + 3:  # epoch 2, step 3
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_cross_entropy(logits, target, **kwargs)
+
+    monkeypatch.setattr(training.F, "cross_entropy", loss_then_two_interrupts)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3"], capsys)
+    assert code == 130
+    assert f"the last checkpoint {out / 'checkpoint.pt'} (epoch 2, step 3 of 6) is saved" in captured.err
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 3)
+
+
+def test_signals_during_a_checkpoint_write_wait_until_it_is_written(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_save = training.save_checkpoint
+
+    def save_amid_three_signals(state, path):  # the third would stop the run at once elsewhere
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_save(state, path)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_amid_three_signals)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3"], capsys)
+    assert code == 130
+    assert f"the last checkpoint {out / 'checkpoint.pt'} (epoch 1) is saved" in captured.err
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_with_a_note(data_dir, tmp_path, capsys, monkeypatch):
+    real_compile = torch.compile
+
+    def no_c_compiler(graph, example_inputs):
+        raise RuntimeError("simulated: no working C compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=no_c_compiler))
+    out = tmp_path / "run"
+    try:
+        code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1",
+                                          "--compile"], capsys)
+    finally:
+        torch._dynamo.reset()
+    assert code == 0, captured.err
+    assert captured.err.count("note: torch.compile failed") == 1 and "training without it" in captured.err
+    assert (out / "final.json").exists()
+
+
+def test_a_parallel_form_that_cannot_fit_in_memory_is_refused_before_training(data_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr(training, "available_memory", lambda device: 2**20)  # 1 MiB free
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"], capsys)
+    assert code == 2
+    message = captured.err.splitlines()[-1]  # after the data's decoding notes
+    assert message.startswith("error: the parallel mLSTM form would need about ") and \
+        "use --mlstm-form chunkwise" in message and "--patch-size" in message, captured.err
+    assert not (out / "checkpoint.pt").exists()
+    # the S x S matrices grow as S^2: 128-px images in patches of 4 (S = 1024) against 32-px ones (S = 64)
+    small, large = (training.ViLConfig(img_size=size, patch_size=4) for size in (32, 128))
+    assert training.parallel_form_bytes(large, 256, True) == 256 * training.parallel_form_bytes(small, 256, True)
+    assert training.parallel_form_bytes(large, 256, True) > 32 * 2**30
+    chunkwise = training.ViLConfig(img_size=128, patch_size=4, mlstm_form="chunkwise")
+    training.check_parallel_form_memory(chunkwise, torch.device("cpu"), 256)  # linear in S: not refused
+
+
+def test_float32_matmuls_use_tf32_on_a_gpu_only():
+    before = torch.backends.cuda.matmul.allow_tf32  # a flag of torch's, not an attribute monkeypatch restores
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        training.allow_tf32(torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        training.allow_tf32(torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

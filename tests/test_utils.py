@@ -1,5 +1,6 @@
 """Properties of the small helpers: the learning-rate schedule, the weight EMA, atomic files."""
 import os
+import stat
 
 import pytest
 import torch
@@ -61,6 +62,41 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ["file.json"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)],
+                         ids=["umask-022", "umask-002", "umask-077"])
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path, umask, mode):
+    # a data root or run folder shared by a lab stays readable to the others (mkstemp alone gives 0o600)
+    previous = os.umask(umask)
+    try:
+        atomic_write(str(tmp_path / "file.json"), lambda f: f.write(b"{}"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "file.json").st_mode) == mode
+
+
+def test_atomic_write_syncs_the_file_then_the_folder_that_holds_its_new_name(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    atomic_write(str(tmp_path / "file.json"), lambda f: f.write(b"{}"))
+    assert synced == [False, True]
+
+
+def test_atomic_write_removes_the_temporary_files_of_killed_writers_of_the_same_path(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+    # left by writers killed with SIGKILL: names from tempfile.mkstemp and from atomic_write itself
+    killed = [".checkpoint.pt.k3_x9abq.tmp", ".checkpoint.pt.0123abcd.tmp"]
+    # temporary files of other paths, and files that are not temporary files, stay
+    others = [".checkpoint.pt.best.0123abcd.tmp", ".metrics.json.0123abcd.tmp", "checkpoint.pt.0123abcd.tmp",
+              ".checkpoint.pt.notes.tmp"]
+    for name in killed + others:
+        (tmp_path / name).write_bytes(b"half")
+    atomic_write(str(path), lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt"] + others)
+
+
 def test_cpu_native_bf16_is_read_from_torch_cpu_probes(monkeypatch):
     import utils
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
@@ -107,3 +143,50 @@ def test_progress_is_silent_on_processes_other_than_the_first():
     for done in range(1, 11):
         bar.update(done, 0.5, 0.25, 100.0)
     assert stream.getvalue() == ""
+
+
+def test_ema_lists_the_model_tensors_once_not_at_every_update():
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(8)])
+    start = model[0].weight.detach().clone()
+    ema = WeightEMA(model, decay=0.5)
+    calls = []
+    real_state_dict = model.state_dict
+    model.state_dict = lambda *args, **kwargs: calls.append(1) or real_state_dict(*args, **kwargs)
+    for _ in range(10):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)  # in place, as the optimizer steps: the listed tensors see it
+        ema.update(model)
+    assert len(calls) == 1  # state_dict() walks every module: once, not at every step
+    expected, weights = start.clone(), start.clone()
+    for update in range(1, 11):
+        weights += 1.0
+        decay = min(0.5, (1 + update) / (10 + update))
+        expected = decay * expected + (1 - decay) * weights
+    torch.testing.assert_close(ema.shadow["0.weight"], expected)
+    copy = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(8)]).to(torch.bfloat16)
+    ema.copy_to(copy)  # into the copy's own dtype
+    assert copy[0].weight.dtype == torch.bfloat16
+    torch.testing.assert_close(copy[0].weight.float(), ema.shadow["0.weight"], rtol=1e-2, atol=1e-2)
+
+
+def test_plot_without_matplotlib_is_skipped_with_one_note(tmp_path, monkeypatch, capsys):
+    import sys
+    import utils
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(utils, "_noted_missing_matplotlib", False)
+    history = [dict(epoch=1, train_loss=1.0, train_acc=0.5)]
+    for _ in range(3):
+        utils.plot_curves(history, str(tmp_path / "curves.png"))
+    assert capsys.readouterr().err.count("note: matplotlib is not installed") == 1
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_distributed_setup_waits_hours_for_process_0_not_the_default_minutes(monkeypatch):
+    import datetime
+    import utils
+    calls = []
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert utils.setup_distributed("cpu") == (0, 2, torch.device("cpu"))
+    assert calls[0][0] == "gloo" and calls[0][1]["timeout"] >= datetime.timedelta(hours=1)
