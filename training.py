@@ -691,62 +691,115 @@ def step_seed(seed, rank, global_step):
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + global_step) % 2**63
 
 
-def train(config, given, resume, run):
-    """Train in run's folder (a RunFolder, from which main reports a run that stops), then evaluate
-    on the test set. Returns what final.json holds."""
-    stop = run.stop
-    if resume and not config["out_dir"]:
-        raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
-    if int(os.environ.get("RANK", "0")) == 0:
-        # the lock comes before anything is read from the folder, so before the process group
-        # (a resumed run's device is in its checkpoint); process 0, which alone writes the
-        # folder, holds it and names a new one
-        run.claim(config["out_dir"], f"{config['dataset']}-{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}",
-                  resume)
-        config["out_dir"] = run.out_dir
-    config, checkpoint = resolve_run(config, given, resume)
-    if checkpoint is not None:
-        run.saved = checkpoint_point(checkpoint["epoch"], checkpoint["step"])
-    check_config(config)
-    rank, world_size, device = setup_distributed(resolve_device(config["device"]))
-    is_main = rank == 0
-    if world_size > 1:  # the folder process 0 holds, which it may have named
-        shared = [run.out_dir]
-        dist.broadcast_object_list(shared, src=0)
-        run.out_dir = config["out_dir"] = shared[0]
-    out_dir = config["out_dir"]
-    dtype = autocast_dtype(config["amp"], device)
-    allow_tf32(device)
-    if config["batch_size"] % world_size:
-        raise UserError(f"--batch-size {config['batch_size']} must divide evenly over "
-                        f"{world_size} processes")
-    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+@dataclasses.dataclass
+class Run:
+    """A training run as setup_run builds it: what the loop and its bookkeeping read and update."""
+    config: dict
+    folder: RunFolder  # the locked run folder; its `stop` holds Ctrl-C and SIGTERM requests
+    device: torch.device
+    dtype: torch.dtype | None  # of autocast; None: full precision
+    rank: int
+    world_size: int
+    loader: DeviceLoader  # this process's share of the training split
+    train_size: int  # images of the training split, over all processes
+    val: tuple | None  # (images, labels) held out by --val-size, or None
+    test: tuple  # (images, labels)
+    pad_to: int | None
+    tta: bool  # evaluation averages each image's logits with its mirror image's
+    raw_model: VisionLSTM  # the weights that are saved
+    model: object  # what a step calls: raw_model, in DistributedDataParallel and/or compiled
+    eval_model: VisionLSTM  # raw_model, or a copy that evaluation loads the EMA weights into
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: WeightEMA | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    resumed: bool
+    start_epoch: int  # the first epoch to train ...
+    start_step: int  # ... from this step of it ...
+    partial: dict | None  # ... with its meter's state at that step (EpochMeter.to_partial)
+    history: list  # metrics.jsonl's records so far (process 0)
+    best_val_acc: float = -1
+    train_seconds: float = 0.0
 
-    # data: the whole split lives on the training device
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def log_every(self):
+        # reading the running sums makes a GPU wait for its queue, so it is done every 20 steps there
+        return 20 if self.device.type == "cuda" else 1
+
+    def lr_at(self, global_step):
+        return learning_rate(global_step, self.total_steps, self.warmup_steps, self.config["lr"])
+
+
+def load_splits(config, rank, world_size, device, checkpoint_path):
+    """The run's data, whole on the training device: (train images, train labels, validation split or
+    None, test split, number of classes). Records an image folder's class names in config, checked
+    against a resumed run's (checkpoint_path None: a new run)."""
     info = DATASETS[config["dataset"]]
     classes = dataset_classes(config)
-    if checkpoint is not None:
+    if checkpoint_path is not None:
         check_classes(config, classes, checkpoint_path)
     if classes is not None:
         if len(classes) < 2:
             raise UserError(f"{os.path.join(config['data_dir'], 'train')} has one class folder "
                             f"({classes[0]}); a classifier needs at least 2 classes")
         config["classes"] = classes
-    (train_images, train_labels), (test_images, test_labels) = load_data(config, rank, world_size, device)
+    (train_images, train_labels), test = load_data(config, rank, world_size, device)
     num_classes = len(classes) if classes is not None else info.num_classes
-    val_images = val_labels = None
+    val = None
     if config["val_size"]:
         if config["val_size"] >= len(train_labels):
             raise UserError(f"--val-size {config['val_size']} leaves no training images "
                             f"(the training split has {len(train_labels)})")
         train_images, train_labels, val_images, val_labels = split_train_val(
             train_images, train_labels, config["val_size"], seed=config["seed"])
+        val = val_images, val_labels
     if config["limit_train"]:
         train_images, train_labels = train_images[:config["limit_train"]], train_labels[:config["limit_train"]]
     if len(train_labels) < config["batch_size"]:
         raise UserError(f"--batch-size {config['batch_size']} is larger than the "
                         f"{len(train_labels)} training images")
-    in_chans = train_images.shape[1]
+    return train_images, train_labels, val, test, num_classes
+
+
+def setup_run(config, given, resume, folder):
+    """Claim the run folder, resolve the configuration (a resumed run's own, with its checkpoint),
+    join the process group, load the data and build the model, optimiser, gradient scaler, EMA and
+    schedule, restored from the checkpoint on --resume. Returns the Run."""
+    if resume and not config["out_dir"]:
+        raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
+    if int(os.environ.get("RANK", "0")) == 0:
+        # the lock comes before anything is read from the folder, so before the process group
+        # (a resumed run's device is in its checkpoint); process 0, which alone writes the
+        # folder, holds it and names a new one
+        name = f"{config['dataset']}-{config['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder.claim(config["out_dir"], name, resume)
+        config["out_dir"] = folder.out_dir
+    config, checkpoint = resolve_run(config, given, resume)
+    if checkpoint is not None:
+        folder.saved = checkpoint_point(checkpoint["epoch"], checkpoint["step"])
+    check_config(config)
+    rank, world_size, device = setup_distributed(resolve_device(config["device"]))
+    if world_size > 1:  # the folder process 0 holds, which it may have named
+        shared = [folder.out_dir]
+        dist.broadcast_object_list(shared, src=0)
+        folder.out_dir = config["out_dir"] = shared[0]
+    dtype = autocast_dtype(config["amp"], device)
+    allow_tf32(device)
+    if config["batch_size"] % world_size:
+        raise UserError(f"--batch-size {config['batch_size']} must divide evenly over "
+                        f"{world_size} processes")
+    checkpoint_path = os.path.join(config["out_dir"], "checkpoint.pt")
+
+    # data: the whole split lives on the training device
+    info = DATASETS[config["dataset"]]
+    train_images, train_labels, val, test, num_classes = load_splits(
+        config, rank, world_size, device, checkpoint_path if checkpoint is not None else None)
     height, width = model_image_size(train_images, config, info)
     pad_to = padding_for(train_images, (height, width))
     if "mean" not in config:  # an image folder is normalised by its own statistics
@@ -759,7 +812,7 @@ def train(config, given, resume, run):
 
     # model, optimiser, schedule; the same initial weights on every process
     torch.manual_seed(config["seed"])
-    raw_model = build_model(config, num_classes, in_chans, (height, width)).to(device)
+    raw_model = build_model(config, num_classes, train_images.shape[1], (height, width)).to(device)
     check_parallel_form_memory(raw_model.config, device, config["batch_size"] // world_size)
     config["model_config"] = dataclasses.asdict(raw_model.config)
     config["num_classes"] = num_classes
@@ -781,158 +834,247 @@ def train(config, given, resume, run):
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config["compile"]:
-        model = CompileFallback(model, verbose=is_main)
+        model = CompileFallback(model, verbose=rank == 0)
     eval_model = copy.deepcopy(raw_model) if ema is not None else raw_model
 
-    def save(epoch, step, partial_sums=None, best=False):
-        """checkpoint.pt (and best.pt) of the run after `step` steps of the epoch after `epoch`."""
-        # every process looks, so that all of them stop together: the weights turn NaN without a
-        # NaN loss when the last step of an epoch diverges, which the loss shows only a step later
-        if not finite_weights(raw_model, ema):
-            where = f"epoch {epoch + 1}, step {step} of {steps_per_epoch}" if step else f"the end of epoch {epoch}"
-            raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where}, while the "
-                                f"training loss was still finite")
-        if is_main:
-            # the data order and every random draw are functions of (seed, epoch, step): no RNG state
-            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                         epoch=epoch, step=step, partial=partial_sums, config=config)
-            # config.json comes with the checkpoint: a run stopped before its first one leaves no run
-            # file, so the same command can start it again
-            with stop.deferred():
-                run.write("config.json", lambda path: save_json(config, path))
-                run.write("checkpoint.pt", lambda path: save_checkpoint(state, path))
-                if best:
-                    run.write("best.pt", lambda path: save_checkpoint(state, path))
-        run.saved = checkpoint_point(epoch, step, steps_per_epoch)
-
-    def evaluate_split(images, labels):
-        if ema is not None:
-            ema.copy_to(eval_model)
-        return evaluate(eval_model, images, labels, config, device, dtype, rank, world_size, pad_to,
-                        tta=mirror_tta(config, info.digits))
-
     history = []
-    if is_main:
-        if resume:
-            history = read_metrics(os.path.join(out_dir, "metrics.jsonl"), start_epoch)
-        print(f"{config['dataset']}: {len(train_labels)} training images"
-              f"{f', {len(val_labels)} validation' if val_images is not None else ''}, "
-              f"{len(test_labels)} test | {config['model']}: {raw_model.num_params() / 1e6:.2f}M "
-              f"parameters, {raw_model.flops_per_image() / 1e6:.0f} MFLOPs/image | {device}, "
-              f"{world_size} process{'es' if world_size > 1 else ''}, autocast "
-              f"{str(dtype).replace('torch.', '') if dtype else 'off'} | run folder {out_dir}")
-        if resume:
-            print(f"resuming after epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
+    if rank == 0 and resume:
+        history = read_metrics(os.path.join(config["out_dir"], "metrics.jsonl"), start_epoch)
+    return Run(config=config, folder=folder, device=device, dtype=dtype, rank=rank, world_size=world_size,
+               loader=loader, train_size=len(train_labels), val=val, test=test, pad_to=pad_to,
+               tta=mirror_tta(config, info.digits), raw_model=raw_model, model=model, eval_model=eval_model,
+               optimizer=optimizer, scaler=scaler, ema=ema, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, warmup_steps=warmup_steps, resumed=resume, start_epoch=start_epoch,
+               start_step=start_step, partial=partial, history=history,
+               best_val_acc=max((record.get("val_acc", -1) for record in history), default=-1),
+               train_seconds=sum(record["seconds"] for record in history))
 
-    best_val_acc = max((record.get("val_acc", -1) for record in history), default=-1)
-    train_seconds = sum(record["seconds"] for record in history)
-    # reading the running sums makes a GPU wait for its queue, so it is done every 20 steps there
-    log_every = 20 if device.type == "cuda" else 1
-    run.training = True
-    with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
-        for epoch in range(start_epoch, config["epochs"]):
-            progress = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{config['epochs']}", is_main)
-            # running sums on the device (loss * images, correct), read only every log_every steps
-            sums = torch.zeros(2, device=device, dtype=torch.float64)
-            step_losses = torch.zeros(steps_per_epoch, device=device)
-            seen, seconds_before = 0, 0.0
-            if partial is not None:
-                sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64)
-                step_losses[:start_step] = torch.tensor(partial["step_losses"], device=device)
-                seen, seconds_before = partial["seen"], partial["seconds"]
-            epoch_start = time.perf_counter()
-            for step, (x, y) in enumerate(loader.epoch(epoch, start_step), start=start_step):
-                global_step = epoch * steps_per_epoch + step
-                torch.manual_seed(step_seed(config["seed"], rank, global_step))
-                lr = learning_rate(global_step, total_steps, warmup_steps, config["lr"])
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast(device, dtype):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config["label_smoothing"])
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config["grad_clip"]:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(raw_model)
-                labels = y if y.dim() == 1 else y.argmax(dim=-1)
-                step_losses[step] = loss.detach()
-                sums += torch.stack([loss.detach().double() * len(y),
-                                     (logits.argmax(dim=-1) == labels).sum().double()])
-                seen += len(y)
-                last = step + 1 == steps_per_epoch
-                # a signal is acted on at the next check, taken by all processes at the same step
-                if not ((step + 1) % log_every == 0 or last or (world_size == 1 and stop.requested)):
-                    continue
-                loss_sum, correct = sums.tolist()
-                flags = torch.tensor([float(stop.requested), float(not math.isfinite(loss_sum))],
-                                     device=device)
-                if world_size > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop_now, non_finite = bool(flags[0]), bool(flags[1])
-                if non_finite:  # checked before any save: a NaN run never overwrites a checkpoint
-                    bad = torch.nonzero(~torch.isfinite(step_losses[:step + 1]))
-                    where = f"step {int(bad[0]) + 1} of {steps_per_epoch}" if len(bad) else \
-                        f"a step up to {step + 1} of {steps_per_epoch} (on another process)"
-                    raise NonFiniteLoss(f"the training loss became non-finite (nan or inf) at "
-                                        f"epoch {epoch + 1}, {where}")
-                elapsed = seconds_before + time.perf_counter() - epoch_start
-                progress.update(step + 1, loss_sum / seen, correct / seen, seen * world_size / max(elapsed, 1e-9))
-                if stop_now and not last:
-                    progress.close()
-                    save(epoch, step + 1, dict(sums=sums.tolist(), step_losses=step_losses[:step + 1].tolist(),
-                                               seen=seen, seconds=elapsed))
-                    raise KeyboardInterrupt  # main reports it from run.saved, as any interruption
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = seconds_before + time.perf_counter() - epoch_start
-            progress.close()
-            start_step, partial = 0, None
-            train_seconds += seconds
-            loss_sum, correct, seen = all_reduce_sum(sums.tolist() + [seen], device)
-            record = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
-                          lr=lr, images_per_second=seen / seconds, seconds=seconds)
-            if val_images is not None:
-                record["val_loss"], record["val_acc"] = evaluate_split(val_images, val_labels)
-            if config["eval_test_every_epoch"]:
-                record["test_loss"], record["test_acc"] = evaluate_split(test_images, test_labels)
-            with stop.deferred():  # the epoch's files are written whole, whatever signal arrives
-                # the checkpoint first: a metrics line never refers to an epoch that is not saved
-                best = val_images is not None and record["val_acc"] > best_val_acc
-                save(epoch + 1, 0, best=best)
-                best_val_acc = max(best_val_acc, record.get("val_acc", -1))
-                if is_main:
-                    history.append(record)
-                    run.write("metrics.jsonl", lambda path: atomic_write(path, lambda f: f.write(
-                        "".join(json.dumps(line) + "\n" for line in history).encode())))
-                    run.write("curves.png", lambda path: plot_curves(history, path))
-                    print(epoch_summary(record, config["epochs"]), flush=True)
-            if stop.requested:
-                raise KeyboardInterrupt
 
-    test_loss, test_acc = evaluate_split(test_images, test_labels)
-    images_trained = sum(record["images_per_second"] * record["seconds"] for record in history)
+def announce(run):
+    """The line that opens a run: data, model, device and folder (and where a resumed run goes on)."""
+    if not run.is_main:
+        return
+    config = run.config
+    print(f"{config['dataset']}: {run.train_size} training images"
+          f"{f', {len(run.val[1])} validation' if run.val is not None else ''}, "
+          f"{len(run.test[1])} test | {config['model']}: {run.raw_model.num_params() / 1e6:.2f}M "
+          f"parameters, {run.raw_model.flops_per_image() / 1e6:.0f} MFLOPs/image | {run.device}, "
+          f"{run.world_size} process{'es' if run.world_size > 1 else ''}, autocast "
+          f"{str(run.dtype).replace('torch.', '') if run.dtype else 'off'} | run folder {config['out_dir']}")
+    if run.resumed:
+        print(f"resuming after epoch {run.start_epoch}"
+              + (f", step {run.start_step}" if run.start_step else ""))
+
+
+def train_step(run, x, y, global_step):
+    """One optimiser step on the batch (x, y): the scheduled learning rate, the forward pass under
+    autocast, loss, backward, gradient clipping, the step and the EMA. Returns the loss and the
+    number of correct predictions as tensors on the device (reading them would wait for it)."""
+    config = run.config
+    torch.manual_seed(step_seed(config["seed"], run.rank, global_step))
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr_at(global_step)
+    with autocast(run.device, run.dtype):
+        logits = run.model(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=config["label_smoothing"])
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if config["grad_clip"]:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), config["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.raw_model)
+    labels = y if y.dim() == 1 else y.argmax(dim=-1)
+    return loss.detach(), (logits.argmax(dim=-1) == labels).sum()
+
+
+class EpochMeter:
+    """An epoch's training so far on this process: running sums on the device (loss * images,
+    correct), read only at checks, the loss of each step (to name the first non-finite one), the
+    images seen and the seconds spent. A mid-epoch checkpoint keeps its partial state, so that a
+    resumed epoch reports what an uninterrupted one would."""
+
+    def __init__(self, steps_per_epoch, device):
+        self.sums = torch.zeros(2, device=device, dtype=torch.float64)
+        self.step_losses = torch.zeros(steps_per_epoch, device=device)
+        self.seen, self.seconds_before = 0, 0.0
+        self.started = time.perf_counter()
+
+    @classmethod
+    def from_partial(cls, partial, steps_done, steps_per_epoch, device):
+        """The meter of an epoch that goes on after steps_done steps from `partial` (to_partial's
+        dict; None: an epoch from its start)."""
+        meter = cls(steps_per_epoch, device)
+        if partial is not None:
+            meter.sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64)
+            meter.step_losses[:steps_done] = torch.tensor(partial["step_losses"], device=device)
+            meter.seen, meter.seconds_before = partial["seen"], partial["seconds"]
+        return meter
+
+    def to_partial(self, steps_done):
+        """The state after steps_done steps, as a checkpoint keeps it (plain numbers)."""
+        return dict(sums=self.sums.tolist(), step_losses=self.step_losses[:steps_done].tolist(),
+                    seen=self.seen, seconds=self.seconds())
+
+    def add(self, step, loss, correct, images):
+        self.step_losses[step] = loss
+        self.sums += torch.stack([loss.double() * images, correct.double()])
+        self.seen += images
+
+    def seconds(self):
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def first_non_finite(self, steps_done):
+        """The index of the first step of the first steps_done whose loss is not finite, or None."""
+        bad = torch.nonzero(~torch.isfinite(self.step_losses[:steps_done]))
+        return int(bad[0]) if len(bad) else None
+
+
+def check_due(run, step):
+    """Whether the running sums are read after this step: every log_every steps, at the epoch's last
+    step, and at once on a stop request in a single process. With several, a signal is acted on at
+    the next check, which all of them take at the same step."""
+    return ((step + 1) % run.log_every == 0 or step + 1 == run.steps_per_epoch
+            or (run.world_size == 1 and run.folder.stop.requested))
+
+
+def check_step(run, meter, epoch, step):
+    """The check after a step, agreed by all processes: NonFiniteLoss where the loss has become
+    nan or inf on any of them, before any save (a NaN run never overwrites a checkpoint). Returns
+    (loss sum, correct, whether any process was asked to stop)."""
+    loss_sum, correct = meter.sums.tolist()
+    flags = torch.tensor([float(run.folder.stop.requested), float(not math.isfinite(loss_sum))],
+                         device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if bool(flags[1]):
+        bad = meter.first_non_finite(step + 1)
+        where = f"step {bad + 1} of {run.steps_per_epoch}" if bad is not None else \
+            f"a step up to {step + 1} of {run.steps_per_epoch} (on another process)"
+        raise NonFiniteLoss(f"the training loss became non-finite (nan or inf) at "
+                            f"epoch {epoch + 1}, {where}")
+    return loss_sum, correct, bool(flags[0])
+
+
+def save(run, epoch, step, partial=None, best=False):
+    """checkpoint.pt (and best.pt) of the run after `step` steps of the epoch after `epoch`."""
+    # every process looks, so that all of them stop together: the weights turn NaN without a
+    # NaN loss when the last step of an epoch diverges, which the loss shows only a step later
+    if not finite_weights(run.raw_model, run.ema):
+        where = (f"epoch {epoch + 1}, step {step} of {run.steps_per_epoch}" if step
+                 else f"the end of epoch {epoch}")
+        raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where}, while the "
+                            f"training loss was still finite")
+    if run.is_main:
+        # the data order and every random draw are functions of (seed, epoch, step): no RNG state
+        state = dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
+                     scaler=run.scaler.state_dict(),
+                     ema=run.ema.state_dict() if run.ema is not None else None,
+                     epoch=epoch, step=step, partial=partial, config=run.config)
+        # config.json comes with the checkpoint: a run stopped before its first one leaves no run
+        # file, so the same command can start it again
+        with run.folder.stop.deferred():
+            run.folder.write("config.json", lambda path: save_json(run.config, path))
+            run.folder.write("checkpoint.pt", lambda path: save_checkpoint(state, path))
+            if best:
+                run.folder.write("best.pt", lambda path: save_checkpoint(state, path))
+    run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)
+
+
+def evaluate_split(run, images, labels):
+    """(loss, accuracy) on a split, of the EMA weights where there are some."""
+    if run.ema is not None:
+        run.ema.copy_to(run.eval_model)
+    return evaluate(run.eval_model, images, labels, run.config, run.device, run.dtype, run.rank,
+                    run.world_size, run.pad_to, tta=run.tta)
+
+
+def end_epoch(run, epoch, meter, seconds):
+    """After an epoch's last step: its record (the training sums of all processes, validation, and
+    test with --eval-test-every-epoch), then checkpoint.pt (best.pt where validation improved),
+    metrics.jsonl, curves.png and the summary line."""
+    run.train_seconds += seconds
+    loss_sum, correct, seen = all_reduce_sum(meter.sums.tolist() + [meter.seen], run.device)
+    record = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
+                  lr=run.lr_at((epoch + 1) * run.steps_per_epoch - 1), images_per_second=seen / seconds,
+                  seconds=seconds)
+    if run.val is not None:
+        record["val_loss"], record["val_acc"] = evaluate_split(run, *run.val)
+    if run.config["eval_test_every_epoch"]:
+        record["test_loss"], record["test_acc"] = evaluate_split(run, *run.test)
+    with run.folder.stop.deferred():  # the epoch's files are written whole, whatever signal arrives
+        # the checkpoint first: a metrics line never refers to an epoch that is not saved
+        best = run.val is not None and record["val_acc"] > run.best_val_acc
+        save(run, epoch + 1, 0, best=best)
+        run.best_val_acc = max(run.best_val_acc, record.get("val_acc", -1))
+        if run.is_main:
+            run.history.append(record)
+            run.folder.write("metrics.jsonl", lambda path: atomic_write(path, lambda f: f.write(
+                "".join(json.dumps(line) + "\n" for line in run.history).encode())))
+            run.folder.write("curves.png", lambda path: plot_curves(run.history, path))
+            print(epoch_summary(record, run.config["epochs"]), flush=True)
+
+
+def final_evaluation(run):
+    """The test set, evaluated once at the end: final.json and the closing line. Returns what
+    final.json holds."""
+    config = run.config
+    test_loss, test_acc = evaluate_split(run, *run.test)
+    images_trained = sum(record["images_per_second"] * record["seconds"] for record in run.history)
     final = dict(dataset=config["dataset"], model=config["model"], test_acc=test_acc, test_loss=test_loss,
-                 params=raw_model.num_params(), epochs=config["epochs"], train_seconds=train_seconds,
-                 images_per_second=images_trained / max(train_seconds, 1e-9),
-                 ema=bool(ema), tta=mirror_tta(config, info.digits),
-                 autocast=str(dtype).replace("torch.", "") if dtype else "off", device=str(device),
-                 world_size=world_size)
-    if is_main:
-        run.write("final.json", lambda path: save_json(final, path))
+                 params=run.raw_model.num_params(), epochs=config["epochs"], train_seconds=run.train_seconds,
+                 images_per_second=images_trained / max(run.train_seconds, 1e-9),
+                 ema=bool(run.ema), tta=run.tta,
+                 autocast=str(run.dtype).replace("torch.", "") if run.dtype else "off",
+                 device=str(run.device), world_size=run.world_size)
+    if run.is_main:
+        run.folder.write("final.json", lambda path: save_json(final, path))
         print(f"test accuracy {100 * test_acc:.2f}% (loss {test_loss:.4f}) after {config['epochs']} "
-              f"epochs, {format_seconds(train_seconds)} of training | run folder {out_dir}")
-    if world_size > 1:
+              f"epochs, {format_seconds(run.train_seconds)} of training | run folder {config['out_dir']}")
+    if run.world_size > 1:
         # all leave together: a process that ends its process group while process 0 still writes
         # final.json aborts in gloo's teardown now and then ("terminate called without an active
         # exception", exit code -6, in about a third of 2-process CPU runs here)
         dist.barrier()
     return final
+
+
+def train(config, given, resume, folder):
+    """Train in `folder` (a RunFolder, from which main reports a run that stops), then evaluate on
+    the test set. Returns what final.json holds."""
+    run = setup_run(config, given, resume, folder)
+    announce(run)
+    stop = folder.stop
+    folder.training = True
+    with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
+        for epoch in range(run.start_epoch, run.config["epochs"]):
+            progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}",
+                                   run.is_main)
+            start_step = run.start_step if epoch == run.start_epoch else 0
+            meter = EpochMeter.from_partial(run.partial if epoch == run.start_epoch else None, start_step,
+                                            run.steps_per_epoch, run.device)
+            for step, (x, y) in enumerate(run.loader.epoch(epoch, start_step), start=start_step):
+                loss, correct = train_step(run, x, y, epoch * run.steps_per_epoch + step)
+                meter.add(step, loss, correct, len(y))
+                if not check_due(run, step):
+                    continue
+                loss_sum, correct_sum, stop_now = check_step(run, meter, epoch, step)
+                progress.update(step + 1, loss_sum / meter.seen, correct_sum / meter.seen,
+                                meter.seen * run.world_size / max(meter.seconds(), 1e-9))
+                if stop_now and step + 1 < run.steps_per_epoch:
+                    progress.close()
+                    save(run, epoch, step + 1, meter.to_partial(step + 1))
+                    raise KeyboardInterrupt  # main reports it from folder.saved, as any interruption
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            seconds = meter.seconds()
+            progress.close()
+            end_epoch(run, epoch, meter, seconds)
+            if stop.requested:
+                raise KeyboardInterrupt
+    return final_evaluation(run)
 
 
 def epoch_summary(record, epochs):
@@ -990,25 +1132,25 @@ def evaluate_checkpoint(path, given):
 
 def main(argv=None):
     with stop_requests() as stop:  # the whole run: loading data, training, evaluating
-        run = RunFolder(stop)
+        folder = RunFolder(stop)
         try:
             config, given, resume, eval_only, checkpoint = parse_config(sys.argv[1:] if argv is None else argv)
             if eval_only:
                 evaluate_checkpoint(checkpoint, {key: config[key] for key in given})
             else:
-                train(config, given, resume, run)
+                train(config, given, resume, folder)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         except NonFiniteLoss as error:
-            print(f"error: {error}. Stopped; {run.outcome('unchanged', resumable=False)}. Try a lower --lr, "
+            print(f"error: {error}. Stopped; {folder.outcome('unchanged', resumable=False)}. Try a lower --lr, "
                   f"--grad-clip 1 or --amp off.", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM, wherever it arrived
-            print(f"\n{run.interrupted()}", file=sys.stderr)
+            print(f"\n{folder.interrupted()}", file=sys.stderr)
             return 130
         finally:
-            run.release()
+            folder.release()
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
     return 0
