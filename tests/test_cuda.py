@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, reference_vil_layer
 from model import create_model
-from test_mlstm import (FORMS, GRADIENT_REGIMES, assert_parallel_gradient_equals_the_naive_loop_gradient,
-                        make_inputs, naive_mlstm, normwise_relative_error)
-from test_model import SMALL
-from test_training import TINY, run_main, write_folder_dataset
+from helpers import (FORMS, GRADIENT_REGIMES, SMALL, TINY, assert_parallel_gradient_equals_the_naive_loop_gradient,
+                     make_inputs, naive_mlstm, normwise_relative_error, run_main, write_folder_dataset)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda"

@@ -13,7 +13,6 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import tarfile
 import threading
 import time
@@ -24,8 +23,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import data
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 

@@ -2,66 +2,18 @@
 module docstring, part 1 (checked against a naive float64 loop written here), stay finite at
 extreme gates, have correct gradients, and the chunkwise form needs memory linear in S."""
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mlstm import chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
-
-
-def naive_mlstm(q, k, v, igate, fgate, eps=1e-6):
-    """mlstm.py's module docstring, part 1, word for word, one step at a time in float64, m_0 = -inf."""
-    q, k, v, igate, fgate = (x.double() for x in (q, k, v, igate, fgate))
-    batch, heads, seq_len, head_dim = q.shape
-    c = torch.zeros(batch, heads, head_dim, head_dim, dtype=torch.float64)
-    n = torch.zeros(batch, heads, head_dim, dtype=torch.float64)
-    m = torch.full((batch, heads), -math.inf, dtype=torch.float64)
-    outputs = []
-    for t in range(seq_len):
-        log_forget = F.logsigmoid(fgate[..., t])
-        new_m = torch.maximum(log_forget + m, igate[..., t])
-        forget = torch.exp(log_forget + m - new_m)[..., None]
-        input_ = torch.exp(igate[..., t] - new_m)[..., None]
-        key = k[..., t, :] / math.sqrt(head_dim)
-        c = forget[..., None] * c + input_[..., None] * v[..., t, :, None] * key[..., None, :]
-        n = forget * n + input_ * key
-        m = new_m
-        numerator = (c @ q[..., t, :, None]).squeeze(-1)
-        denominator = torch.maximum((n * q[..., t, :]).sum(-1).abs(), torch.exp(-m)) + eps
-        outputs.append(numerator / denominator[..., None])
-    return torch.stack(outputs, dim=-2)
-
-
-def make_inputs(seq_len, gate_scale, dtype, seed, batch=2, heads=2, head_dim=4):
-    generator = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=generator) for _ in range(3))
-    igate, fgate = (gate_scale * torch.randn(batch, heads, seq_len, generator=generator) for _ in range(2))
-    return tuple(x.to(dtype) for x in (q, k, v, igate, fgate))
+from helpers import (FORMS, GRADIENT_REGIMES, assert_parallel_gradient_equals_the_naive_loop_gradient, make_inputs,
+                     naive_mlstm, normwise_relative_error)
+from mlstm import chunkwise_mlstm, parallel_mlstm
 
 
 def relative_error(actual, expected):
     """Largest deviation relative to the largest output."""
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
-
-
-def normwise_relative_error(actual, expected):
-    """||actual - expected|| / ||expected|| (Frobenius). In float32 single tokens can be ill-conditioned
-    (the q.k of the dominant token nearly cancels), which any float32 implementation shows in its
-    largest deviation; the norm-wise error measures the forms instead of those inputs."""
-    return ((actual.double() - expected).norm() / expected.norm()).item()
-
-
-FORMS = {
-    "parallel": parallel_mlstm,
-    "recurrent": recurrent_mlstm,
-    "chunkwise-1": lambda *x: chunkwise_mlstm(*x, chunk_size=1),
-    "chunkwise-3": lambda *x: chunkwise_mlstm(*x, chunk_size=3),
-    "chunkwise-16": lambda *x: chunkwise_mlstm(*x, chunk_size=16),
-    "chunkwise-64": lambda *x: chunkwise_mlstm(*x, chunk_size=64),
-}
 
 
 @pytest.mark.parametrize("seq_len", [1, 2, 5, 16, 17, 48, 100])
@@ -139,29 +91,6 @@ def test_gradcheck_float64(form, gate_scale):
     inputs = [x.requires_grad_() for x in make_inputs(7, gate_scale, torch.float64, seed=5, batch=1, heads=2,
                                                        head_dim=3)]
     assert torch.autograd.gradcheck(form, inputs)
-
-
-GRADIENT_REGIMES = {
-    # name: (gate scale, input gate offset, query scale); the last two put the normaliser on its
-    # lower bound exp(-m), with m < 0 and with m > 0, so the gradient through m is exercised
-    "gates-1": (1.0, 0.0, 1.0), "gates-10": (10.0, 0.0, 1.0), "gates-50": (50.0, 0.0, 1.0),
-    "lower-bound-m-negative": (1.0, -20.0, 1.0), "lower-bound-m-positive": (1.0, 5.0, 1e-4),
-}
-
-
-def assert_parallel_gradient_equals_the_naive_loop_gradient(regime, device):
-    """parallel_mlstm's backward is written out (ParallelMLSTM); the loop's comes from autograd in
-    float64 on the CPU."""
-    gate_scale, igate_offset, query_scale = GRADIENT_REGIMES[regime]
-    q, k, v, igate, fgate = make_inputs(23, gate_scale, torch.float64, seed=7)
-    inputs = [q * query_scale, k, v, igate + igate_offset, fgate]
-    leaves = [x.to(device, copy=True).requires_grad_() for x in inputs]
-    naive_leaves = [x.clone().requires_grad_() for x in inputs]
-    cotangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    (parallel_mlstm(*leaves) * cotangent.to(device)).sum().backward()
-    (naive_mlstm(*naive_leaves) * cotangent).sum().backward()
-    for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
-        assert (leaf.grad.cpu() - naive.grad).norm() <= 1e-9 * naive.grad.norm() + 1e-300, name
 
 
 @pytest.mark.parametrize("regime", GRADIENT_REGIMES)

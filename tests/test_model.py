@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
+from helpers import SMALL
 from mlstm import BlockDiagonalLinear, ViLBlock, reference_vil_layer
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
-
-SMALL = dict(dim=32, depth=2)  # a fast model for the shape and gradient tests
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 28, 28), (2, 3, 32, 32), (2, 3, 32, 48)])

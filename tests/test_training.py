@@ -13,28 +13,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import training
+from helpers import TINY, run_main, write_folder_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "folder", "--dim", "32", "--depth", "2", "--patch-size", "4",
-        "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "0.5", "--crop-padding", "2",
-        "--no-flip", "--image-size", "16", "--device", "cpu", "--seed", "3",
-        "--amp", "off"]  # float32 on every CPU: the tests compare runs to float32 tolerances
-
-
-def write_folder_dataset(root, train_per_class=48, test_per_class=16, size=16):
-    """Two classes of 16x16 RGB PNGs that differ in brightness, in root/{train,test}/<class>/."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for label, name in enumerate(("dark", "light")):
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for index in range(count):
-                base = 60 + 120 * label
-                pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(os.path.join(folder, f"{index}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +25,6 @@ def data_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("folder-data"))
     write_folder_dataset(root)
     return root
-
-
-def run_main(args, capsys=None):
-    code = training.main(list(args))
-    return code, (capsys.readouterr() if capsys else None)
 
 
 def run_script(args, cwd=ROOT, **kwargs):
