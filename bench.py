@@ -7,7 +7,7 @@ the cost of the three mLSTM forms as the sequence grows, and the speed of the da
     python bench.py train --model vil-t vil-s --device cuda --dtypes bf16 --compile
     python bench.py block                  # one pair of ViL blocks beside one ViT block, timed in turns
     python bench.py forms                  # parallel / chunkwise / recurrent mLSTM, S = 64 .. 4096
-    python bench.py data                   # DeviceLoader images/s, all augmentations, vs vil-seed training
+    python bench.py data                   # DeviceLoader images/s, all augmentations, vs vil-1m training
     python bench.py profile --model vil-t  # top ops of one training step, ViL and its ViT
     python bench.py train -h               # a subcommand's options; with no subcommand, bench.py prints
                                            # this help and runs nothing
@@ -64,9 +64,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
-from utils import autocast
+from utils import AUTOCAST_DTYPES, autocast
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: plain fp32, no autocast
+DTYPES = ("fp32", "bf16")  # plain fp32, or bf16 autocast (utils.AUTOCAST_DTYPES)
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
 VIT_HEAD_DIM, VIT_MLP_RATIO = 64, 4
 LABEL_SMOOTHING, GRAD_CLIP = 0.1, 1.0  # training.py's defaults
@@ -82,9 +82,9 @@ FORMS_LENGTHS = [64, 128, 256, 512, 1024, 2048, 4096]
 FORMS_BATCH, FORMS_HEADS, FORMS_HEAD_DIM, FORMS_CHUNK_SIZE = 1, 4, 96, 64
 RECURRENT_MAX_LENGTH = 1024  # one Python step per token (~0.7 s forward + backward at 1024 on 2 CPU cores)
 
-# data: the loader at the training batch size of the seed README, on synthetic CIFAR-shaped
+# data: the loader at the training batch size of the replaced repository, on synthetic CIFAR-shaped
 # uint8 images (the augmentations' cost does not depend on the pixel values)
-DATA_BATCH_SIZE, DATA_NUM_IMAGES, DATA_MODEL, DATA_TARGET_RATIO = 256, 10240, "vil-seed", 10
+DATA_BATCH_SIZE, DATA_NUM_IMAGES, DATA_MODEL, DATA_TARGET_RATIO = 256, 10240, "vil-1m", 10
 # every augmentation on: crop, flip, RandAugment(2, 9), random erasing, mixup and cutmix
 DATA_AUGMENT = Augment(crop_padding=4, flip=True, policy="randaugment", erasing_prob=0.25, mixup_alpha=0.8,
                        cutmix_alpha=1.0)
@@ -157,7 +157,7 @@ def yardstick_arch(preset):
                 img_size=(IMG_SIZE, IMG_SIZE), in_chans=IN_CHANS, num_classes=NUM_CLASSES)
 
 
-def build_model(spec):
+def bench_model(spec):
     """spec: ("vil", preset name) or ("vit", ViT keyword arguments) -> nn.Module with
     num_params() and flops_per_image()."""
     kind, what = spec
@@ -258,7 +258,7 @@ def measure_training(spec, batch_size, device, dtype, compiled, steps, warmup):
     timed window, and peak memory in bytes."""
     device = torch.device(device)
     torch.manual_seed(0)
-    model = build_model(spec).to(device)
+    model = bench_model(spec).to(device)
     result = dict(params=model.num_params(), flops=model.flops_per_image(), counted=counted_flops(model, device))
     step = make_train_step(torch.compile(model) if compiled else model, batch_size, dtype, device)
     seconds = timed_windows(step, steps, warmup, device)
@@ -274,7 +274,7 @@ def measure_in_turns(specs, batch_size, device, dtype, compiled, steps, warmup):
     train_steps = {}
     for spec in specs:
         torch.manual_seed(0)
-        model = build_model(spec).to(device)
+        model = bench_model(spec).to(device)
         train_steps[model_label(spec)] = make_train_step(torch.compile(model) if compiled else model,
                                                          batch_size, dtype, device)
     seconds = timed_in_turns(train_steps, steps, warmup, device)
@@ -520,7 +520,7 @@ def profile_table(args, device):
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for preset in args.model:
         for spec in [("vil", preset), ("vit", yardstick_arch(preset))]:
-            model = build_model(spec).to(device)
+            model = bench_model(spec).to(device)
             step = make_train_step(model, args.batch_size, args.dtype, device)
             timed_windows(step, 0, args.warmup, device)
             with profile(activities=activities) as profiler:
@@ -553,9 +553,9 @@ def parse_args(argv=None):
     presets.add_argument("--model", nargs="+", choices=list(PRESETS), default=["vil-t"], metavar="PRESET",
                          help=f"ViL presets, each beside its ViT ({', '.join(PRESETS)})")
     presets.add_argument("--batch-size", type=at_least(1), default=64)
-    dtypes = dict(nargs="+", choices=list(AUTOCAST_DTYPES),
+    dtypes = dict(nargs="+", choices=DTYPES,
                   help="fp32 and/or bf16 autocast (default: fp32 on CPU, fp32 bf16 on CUDA)")
-    dtype = dict(choices=list(AUTOCAST_DTYPES), default="fp32", help="plain fp32 or bf16 autocast")
+    dtype = dict(choices=DTYPES, default="fp32", help="plain fp32 or bf16 autocast")
 
     commands = parser.add_subparsers(dest="command", title="subcommands")
     train_command = commands.add_parser("train", parents=[common, presets],
@@ -575,7 +575,7 @@ def parse_args(argv=None):
     data_command = commands.add_parser("data", parents=[common],
                                        help=f"DeviceLoader images/s, every augmentation on, against {DATA_MODEL} "
                                             "training")
-    data_command.add_argument("--dtype", choices=list(AUTOCAST_DTYPES),
+    data_command.add_argument("--dtype", choices=DTYPES,
                               help=f"of the {DATA_MODEL} training (default: fp32 on CPU, bf16 on CUDA)")
     data_command.add_argument("--compile", action=argparse.BooleanOptionalAction,
                               help=f"torch.compile the {DATA_MODEL} training (default: yes on CUDA, no on CPU)")

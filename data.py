@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import atomic_write
+from utils import UserError, atomic_write, derive_seed
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data problem the user can fix (missing, corrupt or wrong files, a bad folder)."""
 
 
@@ -52,19 +52,18 @@ class DatasetInfo:
     mean: tuple                # per channel, on the [0, 1] scale, over the training split
     std: tuple
     digits: bool               # hand-written digits: no horizontal flips
-    pad_to: int | None = None  # the loader pads images to this square size by default
+    padded: bool = False       # 28-px images that training zero-pads to 32 px (--pad-to), as the replaced repository did
 
 
 DATASETS = {
-    "mnist": DatasetInfo(10, 1, (0.1307,), (0.3081,), digits=True, pad_to=32),
-    "fashion-mnist": DatasetInfo(10, 1, (0.2860,), (0.3530,), digits=False, pad_to=32),
+    "mnist": DatasetInfo(10, 1, (0.1307,), (0.3081,), digits=True, padded=True),
+    "fashion-mnist": DatasetInfo(10, 1, (0.2860,), (0.3530,), digits=False, padded=True),
     "cifar10": DatasetInfo(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), digits=False),
     "cifar100": DatasetInfo(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), digits=False),
     # your own images: mean/std 0.5 unless you compute them with channel_mean_std
     "folder": DatasetInfo(0, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), digits=False),
 }
-DATASETS["cifar"] = DATASETS["cifar10"]
-ALIASES = {"cifar": "cifar10"}
+DATASET_ALIASES = {"cifar": "cifar10"}
 
 
 def load_dataset(name, root="./data", train=True, image_size=32):
@@ -73,7 +72,7 @@ def load_dataset(name, root="./data", train=True, image_size=32):
     name: "mnist", "fashion-mnist", "cifar10" (or "cifar"), "cifar100", or "folder" for
     root/train/<class>/*.png|jpg and root/test/<class>/* (resized to image_size x image_size, RGB).
     Missing files are downloaded into root; every file is md5-checked once (see _verify)."""
-    name = ALIASES.get(name, name)
+    name = DATASET_ALIASES.get(name, name)
     if name == "folder":
         return load_image_folder(os.path.join(root, "train" if train else "test"), image_size,
                                  classes=_class_names(os.path.join(root, "train")))
@@ -343,11 +342,6 @@ def _mix(x, y, augment, num_classes, generator, rng):
 # -----------------------------------------------------------------------------
 # The loader
 
-def _seed(*parts):
-    """A 48-bit seed that depends on every part (unlike sums or Python's hash, stable across runs)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=6).digest(), "big")
-
-
 class DeviceLoader:
     """A whole split as one uint8 tensor on `device`; epoch(e) yields normalised, augmented batches.
 
@@ -401,7 +395,7 @@ class DeviceLoader:
         n = len(self.images)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size, device=self.device)
-        generator = torch.Generator().manual_seed(_seed("permutation", self.seed, epoch))
+        generator = torch.Generator().manual_seed(derive_seed("permutation", self.seed, epoch))
         perm = torch.randperm(n, generator=generator)[: self.shard_size * self.world_size]
         return perm[self.rank:: self.world_size].to(self.device)
 
@@ -420,7 +414,7 @@ class DeviceLoader:
 
     def _augment(self, x, y, epoch, step):
         augment = self.augment
-        batch_seed = _seed("augment", self.seed, epoch, step, self.rank)
+        batch_seed = derive_seed("augment", self.seed, epoch, step, self.rank)
         generator = torch.Generator(device=self.device).manual_seed(batch_seed)
         B, C, H, W = x.shape
         if augment.crop_padding > 0:

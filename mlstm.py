@@ -604,12 +604,10 @@ def reference_vil_layer(layer, x):
 
 class DropPath(nn.Module):
     """Stochastic depth: in training, zero a whole sample's residual branch with probability p and
-    scale the kept ones by 1 / (1 - p)."""
+    scale the kept ones by 1 / (1 - p). p in [0, 1): ViLConfig checks it."""
 
     def __init__(self, p=0.0):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x):

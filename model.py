@@ -8,12 +8,12 @@ docstring, parts 1 to 4); around them, with C image channels and D the model wid
                                drop-path rate linear from 0 (first block) to drop_path (last)
     x = LayerNorm(x)           eps 1e-6
     pooled = [x_first, x_last]        "bilateral_concat" (ViL v2), 2 D wide
-          or (x_first + x_last) / 2   "bilateral_avg" (ViL v1, the seed README's model), D wide
+          or (x_first + x_last) / 2   "bilateral_avg" (ViL v1, the replaced repository's model), D wide
     logits = Linear(pooled)    weight trunc-normal std 2e-5, bias 0
 The patch embedding is initialised as a linear map of the flattened patch (Xavier uniform, bias 0).
 
     model = create_model("vil-t", num_classes=10, img_size=32)             # a named preset
-    model = create_model("vil-seed", img_size=(28, 28), in_chans=1, depth=6)  # with overrides
+    model = create_model("vil-1m", img_size=(28, 28), in_chans=1, depth=6)  # with overrides
     model = VisionLSTM(ViLConfig(**saved_config))                         # rebuilt from its config
 """
 
@@ -43,7 +43,7 @@ class ViLConfig:
     num_heads: int = 4  # mLSTM heads
     qkv_block_size: int = 4  # q/k/v maps are block-diagonal with blocks of this size
     drop_path: float = 0.0  # stochastic depth of the last block; linear from 0 over the blocks
-    pooling: str = "bilateral_concat"  # or "bilateral_avg" (v1, the seed README's model)
+    pooling: str = "bilateral_concat"  # or "bilateral_avg" (v1, the replaced repository's model)
     conv_kind: str = "2d"  # depthwise 3x3 on the patch grid, or "causal1d" (width 4 along the sequence)
     mlstm_form: str = "parallel"  # or "chunkwise" (linear memory in S), "recurrent" (reference)
     chunk_size: int = 64  # tokens per chunk of the chunkwise form
@@ -176,19 +176,22 @@ class VisionLSTM(nn.Module):
 
 
 PRESETS = {
-    # the seed README's model (32 px, patch 4, ~1.0M parameters); its pooling was bilateral_avg
-    "vil-seed": dict(patch_size=4, dim=192, depth=4),
+    # the 1M-parameter, 4-block model whose figures the replaced repository reports (32 px, patch 4);
+    # its pooling was bilateral_avg
+    "vil-1m": dict(patch_size=4, dim=192, depth=4),
     # ViL-T/S/B of the paper (24 blocks = 12 pairs), with patch 4 for small (32 px) images
     "vil-t": dict(patch_size=4, dim=192, depth=24),
     "vil-s": dict(patch_size=4, dim=384, depth=24),
     "vil-b": dict(patch_size=4, dim=768, depth=24),
 }
+PRESET_ALIASES = {"vil-seed": "vil-1m"}  # earlier names, which saved runs and scripts may still use
 
 
 def create_model(name, num_classes=10, in_chans=3, img_size=32, **overrides):
     """Build the preset `name` for images of img_size (int or (H, W)) with in_chans channels;
     overrides replace any ViLConfig field. Raises ValueError for an unknown preset or field or an
     impossible configuration."""
+    name = PRESET_ALIASES.get(name, name)
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
     fields = {field.name for field in dataclasses.fields(ViLConfig)}

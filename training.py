@@ -8,8 +8,8 @@ One device (a GPU when present, else the CPU):
 Several GPUs on one machine (DistributedDataParallel, --batch-size is the global batch):
     torchrun --standalone --nproc_per_node=4 training.py --dataset cifar
 Continue an interrupted run, or evaluate a saved model on the test set:
-    python training.py --resume --out-dir runs/cifar10-vil-seed-20261124-120000
-    python training.py --eval-only --checkpoint runs/cifar10-vil-seed-20261124-120000/checkpoint.pt
+    python training.py --resume --out-dir runs/cifar10-vil-1m-20261124-120000
+    python training.py --eval-only --checkpoint runs/cifar10-vil-1m-20261124-120000/checkpoint.pt
 
 A run writes into its folder (--out-dir, locked while it runs): config.json and checkpoint.pt
 (every epoch, atomically), metrics.jsonl (one line per epoch), final.json (test accuracy and
@@ -40,13 +40,13 @@ try:
 except ImportError:  # Windows: run folders are not locked there
     fcntl = None
 
-from data import (ALIASES, DATASETS, POLICY_OPS, Augment, DataError, DeviceLoader, channel_mean_std,
+from data import (DATASET_ALIASES, DATASETS, POLICY_OPS, Augment, DeviceLoader, channel_mean_std,
                   folder_classes, load_dataset, split_train_val)
 from mlstm import CONV_KINDS, MLSTM_FORMS
-from model import POOLINGS, PRESETS, VisionLSTM, ViLConfig, create_model
-from utils import (ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, autocast,
-                   cpu_has_native_bf16, ensure_writable_dir, format_seconds, learning_rate, load_checkpoint, plot_curves,
-                   save_checkpoint, save_json, setup_distributed, stop_requests)
+from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
+from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, autocast,
+                   cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, learning_rate,
+                   load_checkpoint, plot_curves, save_checkpoint, save_json, setup_distributed, stop_requests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,18 +93,18 @@ class Flag:
 # the command line (a group of --help per heading), its checks and README.md's "Flags" follow.
 FLAGS = {
     "I/O": dict(
-        dataset=Flag("mnist", str, tuple(name for name in DATASETS if name not in ALIASES),
+        dataset=Flag("mnist", str, tuple(DATASETS),
                      "the dataset (cifar: cifar10)"),
         data_dir=Flag("./data", str, None, "data root (torchvision layout); downloads go there"),
         out_dir=Flag(None, str, None, "run folder (default runs/<dataset>-<model>-<date>-<time>)"),
         limit_train=Flag(0, int, "[0, 1000000000]", "train on the first N images only (0: all)"),
         # for small images: 60000 MNIST digits padded to 256 px already take 4 GB
-        pad_to=Flag(32, int, "[0, 256]", "zero-pad smaller images (28-px MNIST) to this size, as the seed "
-                                         "did (0: off)"),
+        pad_to=Flag(32, int, "[0, 256]", "zero-pad smaller images (28-px MNIST) to this size, as the replaced "
+                                         "repository did (0: off)"),
         image_size=Flag(32, int, "[1, 1024]", "image-folder datasets are resized to this size"),
     ),
     "model": dict(  # a preset of model.py; None keeps the preset's own value
-        model=Flag("vil-seed", str, tuple(PRESETS), "the preset"),
+        model=Flag("vil-1m", str, tuple(PRESETS), "the preset"),
         dim=Flag(None, int, "[8, 8192]", "model width (a multiple of 8)"),
         depth=Flag(None, int, "[1, 256]", "number of single-direction blocks (a pair is one 'layer')"),
         patch_size=Flag(None, int, "[1, 1024]", "patch side in pixels; divides the image size"),
@@ -157,7 +157,7 @@ FLAGS = {
 DEFAULTS = {name: flag.default for flags in FLAGS.values() for name, flag in flags.items()}
 
 # Per-dataset recipes, only what differs from the defaults: the values that make the plain
-# `--dataset X` command beat the seed table.
+# `--dataset X` command beat the replaced repository's figures.
 RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, flip=False, warmup_epochs=1.0),
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
@@ -212,11 +212,19 @@ def parse_config(argv):
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))
     resume, eval_only = given.pop("resume", False), given.pop("eval_only", False)
     checkpoint = given.pop("checkpoint", None)
-    dataset = given.get("dataset", DEFAULTS["dataset"])
-    dataset = ALIASES.get(dataset, dataset)
-    config = {**DEFAULTS, **RECIPES.get(dataset, {}), **given, "dataset": dataset}
+    given = canonical_names(given)
+    config = {**DEFAULTS, **RECIPES.get(given.get("dataset", DEFAULTS["dataset"]), {}), **given}
     check_config(config)
     return config, set(given), resume, eval_only, checkpoint
+
+
+def canonical_names(config):
+    """config with the other names of a dataset or preset (--dataset cifar, a run saved with
+    --model vil-seed) replaced by their own: --dataset cifar10, --model vil-1m."""
+    for key, aliases in (("dataset", DATASET_ALIASES), ("model", PRESET_ALIASES)):
+        if key in config:
+            config[key] = aliases.get(config[key], config[key])
+    return config
 
 
 def check_config(config):
@@ -258,7 +266,7 @@ def autocast_dtype(amp, device):
         raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on the CPU")
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bf16 support; use --amp fp16 or --amp off")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    return AUTOCAST_DTYPES["fp32" if amp == "off" else amp]
 
 
 def allow_tf32(device):
@@ -279,9 +287,14 @@ def build_model(config, num_classes, in_chans, img_size):
         raise UserError(f"cannot build the model: {error}")
 
 
-def make_augment(config, digits):
+def random_flips(config):
+    """Whether training flips images left-right: with --flip, never for hand-written digits."""
+    return config["flip"] and not DATASETS[config["dataset"]].digits
+
+
+def make_augment(config):
     try:
-        return Augment(crop_padding=config["crop_padding"], flip=config["flip"] and not digits,
+        return Augment(crop_padding=config["crop_padding"], flip=random_flips(config),
                        policy=config["policy"], policy_ops=config["policy_ops"],
                        policy_magnitude=config["policy_magnitude"], erasing_prob=config["erasing"],
                        mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"])
@@ -293,17 +306,15 @@ def load_split(config, train):
     try:
         return load_dataset(config["dataset"], config["data_dir"], train=train,
                             image_size=config["image_size"])
-    except DataError as error:
-        raise UserError(str(error))
     except OSError as error:  # e.g. --data-dir names a file, or a folder that cannot be created
         raise UserError(f"cannot use the data folder {config['data_dir']}: {error}")
 
 
 def model_image_size(images, config, info):
-    """The model's input size: 28-px MNIST-like images are padded to --pad-to (the seed's 32 px);
+    """The model's input size: 28-px MNIST-like images are padded to --pad-to (the replaced repository's 32 px);
     other datasets keep their size."""
     height, width = images.shape[-2:]
-    if info.pad_to and config["pad_to"] > max(height, width):
+    if info.padded and config["pad_to"] > max(height, width):
         return config["pad_to"], config["pad_to"]
     return height, width
 
@@ -313,10 +324,10 @@ def padding_for(images, img_size):
     return img_size[0] if tuple(images.shape[-2:]) != tuple(img_size) else None
 
 
-def mirror_tta(config, digits):
+def mirror_tta(config):
     """Whether evaluation averages the logits of each image and its mirror image: with --tta, for
-    models trained with random flips (so never for digits)."""
-    return bool(config.get("tta", False) and config["flip"] and not digits)
+    models trained with random flips."""
+    return bool(config.get("tta", False) and random_flips(config))
 
 
 def predict(model, x, tta):
@@ -336,9 +347,9 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
     world_size-th image; with tta, of the mean logits of each image and its mirror image.
     Returns (loss, accuracy)."""
     model.eval()
-    loader = DeviceLoader(images[rank::world_size], labels[rank::world_size], EVAL_BATCH_SIZE,
-                          num_classes=config["num_classes"], mean=config["mean"], std=config["std"],
-                          train=False, device=device, pad_to=pad_to)
+    loader = DeviceLoader(images, labels, EVAL_BATCH_SIZE, num_classes=config["num_classes"], mean=config["mean"],
+                          std=config["std"], train=False, device=device, rank=rank, world_size=world_size,
+                          pad_to=pad_to)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader.epoch(0):
@@ -346,8 +357,7 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
             logits = predict(model, x, tta)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(dim=-1) == y).sum()
-    loss_sum, correct, count = all_reduce_sum([loss_sum.item(), correct.item(),
-                                               len(labels[rank::world_size])], device)
+    loss_sum, correct, count = all_reduce_sum([loss_sum.item(), correct.item(), loader.shard_size], device)
     model.train()
     return loss_sum / count, correct / count
 
@@ -474,7 +484,7 @@ def saved_config(checkpoint, path, needed):
     if missing:
         raise UserError(f"the configuration saved in {path} lacks {', '.join(missing)} (written by another "
                         f"version of training.py?); this version cannot use that checkpoint")
-    return dict(config)
+    return canonical_names(dict(config))
 
 
 # what a checkpoint needs beyond load_checkpoint's keys to continue the run
@@ -561,8 +571,6 @@ def dataset_classes(config):
         return None
     try:
         return folder_classes(config["data_dir"])
-    except DataError as error:
-        raise UserError(str(error))
     except OSError as error:
         raise UserError(f"cannot use the data folder {config['data_dir']}: {error}")
 
@@ -685,12 +693,6 @@ class CompileFallback:
         return self.model(x)
 
 
-def step_seed(seed, rank, global_step):
-    """The seed of the global RNG (drop-path) at a training step: a function of the step alone,
-    so that a resumed run draws exactly what an uninterrupted one would, on every process."""
-    return ((seed * 1_000_003 + rank) * 1_000_000_007 + global_step) % 2**63
-
-
 @dataclasses.dataclass
 class Run:
     """A training run as setup_run builds it: what the loop and its bookkeeping read and update."""
@@ -807,7 +809,7 @@ def setup_run(config, given, resume, folder):
                                          else (info.mean, info.std))
     loader = DeviceLoader(train_images, train_labels, config["batch_size"] // world_size,
                           num_classes=num_classes, mean=config["mean"], std=config["std"], train=True,
-                          augment=make_augment(config, info.digits), seed=config["seed"],
+                          augment=make_augment(config), seed=config["seed"],
                           device=device, rank=rank, world_size=world_size, pad_to=pad_to)
 
     # model, optimiser, schedule; the same initial weights on every process
@@ -842,7 +844,7 @@ def setup_run(config, given, resume, folder):
         history = read_metrics(os.path.join(config["out_dir"], "metrics.jsonl"), start_epoch)
     return Run(config=config, folder=folder, device=device, dtype=dtype, rank=rank, world_size=world_size,
                loader=loader, train_size=len(train_labels), val=val, test=test, pad_to=pad_to,
-               tta=mirror_tta(config, info.digits), raw_model=raw_model, model=model, eval_model=eval_model,
+               tta=mirror_tta(config), raw_model=raw_model, model=model, eval_model=eval_model,
                optimizer=optimizer, scaler=scaler, ema=ema, steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, warmup_steps=warmup_steps, resumed=resume, start_epoch=start_epoch,
                start_step=start_step, partial=partial, history=history,
@@ -871,7 +873,9 @@ def train_step(run, x, y, global_step):
     autocast, loss, backward, gradient clipping, the step and the EMA. Returns the loss and the
     number of correct predictions as tensors on the device (reading them would wait for it)."""
     config = run.config
-    torch.manual_seed(step_seed(config["seed"], run.rank, global_step))
+    # the global RNG (drop-path) is seeded by the step alone, so that a resumed run draws exactly
+    # what an uninterrupted one would, on every process
+    torch.manual_seed(derive_seed("step", config["seed"], run.rank, global_step))
     for group in run.optimizer.param_groups:
         group["lr"] = run.lr_at(global_step)
     with autocast(run.device, run.dtype):
@@ -1117,7 +1121,7 @@ def evaluate_checkpoint(path, given):
     images, labels = load_split(config, train=False)
     pad_to = padding_for(images, config["model_config"]["img_size"])
     loss, accuracy = evaluate(model, images, labels, config, device, dtype, 0, 1, pad_to,
-                              tta=mirror_tta(config, DATASETS[config["dataset"]].digits))
+                              tta=mirror_tta(config))
     result = dict(checkpoint=os.path.abspath(path), dataset=config["dataset"], test_acc=accuracy,
                   test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None)
     print(f"test accuracy {100 * accuracy:.2f}% (loss {loss:.4f}) of {path} "

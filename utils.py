@@ -3,6 +3,7 @@ autocast, distributed setup, Ctrl-C and SIGTERM, the learning-rate schedule, a w
 progress bar and the curves plot."""
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -19,6 +20,12 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem the user can fix (a flag, a path, a file). Printed as one line, exit code 2."""
+
+
+def derive_seed(*parts):
+    """A 48-bit seed that depends on every part (unlike sums or Python's hash, stable across runs
+    and machines): derive_seed("augment", seed, epoch, step, rank)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=6).digest(), "big")
 
 
 # ----------------------------------------------------------------------------- files
@@ -202,6 +209,10 @@ def cpu_has_native_bf16():
         if check is not None and check():
             return True
     return False
+
+
+# autocast dtypes by name: training's --amp (its "off" is "fp32") and bench.py's --dtypes
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: full precision
 
 
 def autocast(device, dtype):

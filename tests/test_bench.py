@@ -16,24 +16,24 @@ import bench
 
 
 def test_vit_flops_formula_matches_torch_flop_counter():
-    arch = bench.yardstick_arch("vil-seed")
-    vit = bench.build_model(("vit", arch))
+    arch = bench.yardstick_arch("vil-1m")
+    vit = bench.bench_model(("vit", arch))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         vit(torch.randn(1, bench.IN_CHANS, bench.IMG_SIZE, bench.IMG_SIZE))
     assert vit.flops_per_image() == counter.get_total_flops()
 
 
 def test_yardstick_has_the_preset_width_and_half_its_blocks():
-    for preset, blocks in (("vil-seed", 4), ("vil-t", 24)):
+    for preset, blocks in (("vil-1m", 4), ("vil-t", 24)):
         arch = bench.yardstick_arch(preset)
         assert arch["dim"] == 192 and arch["depth"] == blocks // 2 and arch["patch_size"] == 4
 
 
 def test_block_table_times_a_vil_pair_a_vit_block_and_the_projections(capsys):
-    args = argparse.Namespace(model=["vil-seed"], dtype="fp32", batch_size=2, steps=2, warmup=1)
+    args = argparse.Namespace(model=["vil-1m"], dtype="fp32", batch_size=2, steps=2, warmup=1)
     bench.block_table(args, torch.device("cpu"))
     rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| vil-seed |")]
+            if line.startswith("| vil-1m |")]
     assert [row[1] for row in rows] == ["ViL block pair", "ViT block", "ViL pair: projections only"]
     medians = [float(row[2].split()[0]) for row in rows]
     for row, median in zip(rows, medians):  # each ratio is its median over the ViT block's
@@ -66,7 +66,7 @@ def test_fraction_of_peak_is_three_forward_passes_per_image_over_the_peak():
 
 
 def test_matmul_peak_is_a_finite_positive_rate_in_each_dtype():
-    for dtype in bench.AUTOCAST_DTYPES:
+    for dtype in bench.DTYPES:
         peak = bench.matmul_peak_flops(dtype, torch.device("cpu"), size=64, repeats=2, warmup=1)
         assert math.isfinite(peak) and peak > 0
 
@@ -74,7 +74,7 @@ def test_matmul_peak_is_a_finite_positive_rate_in_each_dtype():
 def test_train_step_clips_the_gradient_norm(monkeypatch):
     monkeypatch.setattr(bench, "GRAD_CLIP", 1e-3)  # far below any gradient norm of a fresh model
     torch.manual_seed(0)
-    vit = bench.build_model(("vit", bench.yardstick_arch("vil-seed")))
+    vit = bench.bench_model(("vit", bench.yardstick_arch("vil-1m")))
     bench.make_train_step(vit, 4, "fp32", torch.device("cpu"))()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in vit.parameters()]))
     assert norm.item() == pytest.approx(1e-3, rel=1e-3)
@@ -82,15 +82,15 @@ def test_train_step_clips_the_gradient_norm(monkeypatch):
 
 def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monkeypatch):
     monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE", {"cpu": 256})  # the peak of a small matmul: quick
-    args = argparse.Namespace(model=["vil-seed"], dtypes=["fp32"], compile_modes=[False], batch_size=4, steps=2,
+    args = argparse.Namespace(model=["vil-1m"], dtypes=["fp32"], compile_modes=[False], batch_size=4, steps=2,
                               warmup=1)
     bench.training_table(args, torch.device("cpu"))
     out = capsys.readouterr().out
     assert "matmul peak" in out and "TFLOP/s" in out
     columns = next(line for line in out.splitlines() if line.startswith("| model |")).strip("| ").split(" | ")
     rows = [dict(zip(columns, line.strip("| ").split(" | "))) for line in out.splitlines()
-            if line.startswith("| vit-") or line.startswith("| vil-seed |")]
-    assert [row["model"] for row in rows] == ["vit-d192x2", "vil-seed"]
+            if line.startswith("| vit-") or line.startswith("| vil-1m |")]
+    assert [row["model"] for row in rows] == ["vit-d192x2", "vil-1m"]
     vit_speed, vil_speed = (float(row["img/s"].split()[0]) for row in rows)
     ratio = float(rows[1]["vs ViT"])
     assert rows[0]["vs ViT"] == "1.00"
@@ -101,7 +101,7 @@ def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monke
 
 
 def test_each_subcommand_takes_only_its_options(capsys):
-    args = bench.parse_args(["train", "--model", "vil-seed", "--dtypes", "fp32", "--no-compile", "--device", "cpu"])
+    args = bench.parse_args(["train", "--model", "vil-1m", "--dtypes", "fp32", "--no-compile", "--device", "cpu"])
     assert args.table is bench.training_table and args.dtypes == ["fp32"] and args.compile_modes == [False]
     args = bench.parse_args(["data", "--device", "cpu"])
     assert args.table is bench.data_table and args.dtype == "fp32" and args.compile is False

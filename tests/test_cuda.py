@@ -87,7 +87,7 @@ def test_layer_on_cuda_matches_the_design_written_out(direction):
 
 def test_model_under_bf16_autocast_and_compile_on_cuda_matches_eager():
     torch.manual_seed(0)
-    model = create_model("vil-seed", **SMALL).to(DEVICE)
+    model = create_model("vil-1m", **SMALL).to(DEVICE)
     torch.nn.init.normal_(model.head.weight)  # logits of order 1 (the published init makes them ~1e-4)
     x = torch.randn(8, 3, 32, 32, device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -101,10 +101,10 @@ def test_model_under_bf16_autocast_and_compile_on_cuda_matches_eager():
 
 
 def test_compiled_gradients_equal_eager_on_a_preset_width_model():
-    # vil-seed at its own width (head width 96: the grouped q/k/v path the presets take), the
+    # vil-1m at its own width (head width 96: the grouped q/k/v path the presets take), the
     # whole model in one graph, float32: compiled and eager gradients agree to rounding
     torch.manual_seed(0)
-    eager = create_model("vil-seed", num_classes=10, img_size=32).to(DEVICE)
+    eager = create_model("vil-1m", num_classes=10, img_size=32).to(DEVICE)
     torch.nn.init.normal_(eager.head.weight, std=0.02)
     compiled = copy.deepcopy(eager)
     x = torch.randn(16, 3, 32, 32, device=DEVICE)
@@ -123,7 +123,7 @@ def test_a_training_step_and_the_loader_never_wait_for_the_gpu():
     labels = torch.randint(0, 10, (64,))
     loader = DeviceLoader(images, labels, 32, num_classes=10, mean=info.mean, std=info.std, train=True,
                           augment=EVERY_AUGMENTATION, seed=0, device=DEVICE)
-    model = create_model("vil-seed", num_classes=10, img_size=32).to(DEVICE)
+    model = create_model("vil-1m", num_classes=10, img_size=32).to(DEVICE)
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-3, fused=True)
     batches = iter(loader.epoch(0))
     next(batches)  # the first batch may set things up

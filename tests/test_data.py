@@ -109,11 +109,11 @@ def all_files(root):
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "cifar", "cifar100"])
 def test_load_dataset_reads_the_real_formats(tmp_path, name):
-    canonical = data.ALIASES.get(name, name)
+    canonical = data.DATASET_ALIASES.get(name, name)
     install(tmp_path, tiny_files(canonical))
     for train in (True, False):
         images, labels = data.load_dataset(name, tmp_path, train=train)
-        info = data.DATASETS[name]
+        info = data.DATASETS[canonical]
         n = 12 * (5 if canonical == "cifar10" and train else 1)
         size = 28 if info.in_chans == 1 else 32
         assert images.dtype == torch.uint8 and images.shape == (n, info.in_chans, size, size)
@@ -623,8 +623,8 @@ def test_crop_moves_pixels_and_keeps_the_rest():
 def test_digits_are_padded_to_32():
     images = torch.randint(1, 256, (N, 1, 28, 28), dtype=torch.uint8)
     info = data.DATASETS["mnist"]
-    assert info.pad_to == 32 and info.digits
-    _, loader = raw_loader(data.Augment(), train=False, data=(images, torch.arange(N)), pad_to=info.pad_to)
+    assert info.padded and info.digits
+    _, loader = raw_loader(data.Augment(), train=False, data=(images, torch.arange(N)), pad_to=32)
     x, _ = next(loader.epoch(0))
     assert x.shape == (N, 1, 32, 32)
     assert float(x[:, :, 2:30, 2:30].min()) > 0 and float(x[:, :, :2].abs().sum() + x[:, :, :, 30:].abs().sum()) == 0

@@ -20,7 +20,7 @@ from model import PRESETS, ViLConfig, VisionLSTM, create_model
 ])
 def test_forward_backward_finite_on_training_shapes(shape, options):
     batch, chans, height, width = shape
-    model = create_model("vil-seed", num_classes=7, in_chans=chans, img_size=(height, width), **SMALL, **options)
+    model = create_model("vil-1m", num_classes=7, in_chans=chans, img_size=(height, width), **SMALL, **options)
     model.train()
     logits = model(torch.randn(shape))
     assert logits.shape == (batch, 7)
@@ -31,7 +31,7 @@ def test_forward_backward_finite_on_training_shapes(shape, options):
 
 @pytest.mark.parametrize("form", ["parallel", "chunkwise"])
 def test_bf16_autocast_forward_backward_finite(form):
-    model = create_model("vil-seed", mlstm_form=form, chunk_size=10, **SMALL)
+    model = create_model("vil-1m", mlstm_form=form, chunk_size=10, **SMALL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(2, 3, 32, 32))
     assert logits.dtype == torch.bfloat16
@@ -42,7 +42,7 @@ def test_bf16_autocast_forward_backward_finite(form):
 
 def test_gradients_reach_the_blocks():
     # the head starts at std 2e-5; the blocks must still receive a (small) gradient
-    model = create_model("vil-seed", **SMALL)
+    model = create_model("vil-1m", **SMALL)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     for name, param in model.named_parameters():
         if name.startswith("blocks.") and name.endswith("proj_up.weight"):
@@ -52,14 +52,14 @@ def test_gradients_reach_the_blocks():
 @pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
 def test_model_forms_agree(form):
     torch.manual_seed(0)
-    reference = create_model("vil-seed", img_size=(16, 20), **SMALL).double()  # 20 tokens
-    other = create_model("vil-seed", img_size=(16, 20), mlstm_form=form, chunk_size=6, **SMALL).double()
+    reference = create_model("vil-1m", img_size=(16, 20), **SMALL).double()  # 20 tokens
+    other = create_model("vil-1m", img_size=(16, 20), mlstm_form=form, chunk_size=6, **SMALL).double()
     other.load_state_dict(reference.state_dict())
     x = torch.randn(2, 3, 16, 20, dtype=torch.float64)
     torch.testing.assert_close(other(x), reference(x), rtol=1e-9, atol=1e-15)
 
 
-PRESET_PARAMS = {"vil-seed": 995_946, "vil-t": 5_846_026, "vil-s": 22_308_682, "vil-b": 87_084_490}
+PRESET_PARAMS = {"vil-1m": 995_946, "vil-t": 5_846_026, "vil-s": 22_308_682, "vil-b": 87_084_490}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -70,10 +70,10 @@ def test_preset_parameter_counts(name):
 
 
 def test_preset_sizes_match_the_reference_models():
-    # the seed README's model: ~1.0M; ViL-T ~5.8M at 32 px (6M at 224 px with 196 tokens and 1000 classes)
-    assert abs(create_model("vil-seed").num_params() / 1.0e6 - 1) < 0.05
+    # the replaced repository's model: ~1.0M; ViL-T ~5.8M at 32 px (6M at 224 px with 196 tokens and 1000 classes)
+    assert abs(create_model("vil-1m").num_params() / 1.0e6 - 1) < 0.05
     assert abs(create_model("vil-t").num_params() / 5.8e6 - 1) < 0.02
-    assert create_model("vil-seed").config.pooling == "bilateral_concat"
+    assert create_model("vil-1m").config.pooling == "bilateral_concat"
 
 
 def make_block_pair(patch_grid, conv_kind):
@@ -120,13 +120,13 @@ def test_2d_conv_sees_the_patch_below():
 
 
 def test_blocks_alternate_direction_and_drop_path_grows_linearly():
-    model = create_model("vil-seed", depth=4, drop_path=0.3, dim=16)
+    model = create_model("vil-1m", depth=4, drop_path=0.3, dim=16)
     assert [block.direction for block in model.blocks] == ["top_left", "bottom_right"] * 2
     assert [block.drop_path.p for block in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 
 def test_drop_path_only_in_training():
-    model = create_model("vil-seed", drop_path=0.5, **SMALL)
+    model = create_model("vil-1m", drop_path=0.5, **SMALL)
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x), model(x))
@@ -138,7 +138,7 @@ def test_drop_path_only_in_training():
 
 
 def test_model_rebuilds_from_json_config():
-    model = create_model("vil-seed", img_size=(28, 28), in_chans=1, **SMALL)
+    model = create_model("vil-1m", img_size=(28, 28), in_chans=1, **SMALL)
     saved = json.loads(json.dumps(dataclasses.asdict(model.config)))  # img_size comes back as a list
     rebuilt = VisionLSTM(ViLConfig(**saved))
     rebuilt.load_state_dict(model.state_dict())
@@ -168,7 +168,7 @@ def test_bad_configurations_raise_value_error(kwargs, message):
 
 
 def test_param_groups_cover_every_parameter_once_and_spare_biases_norms_and_embeddings():
-    model = create_model("vil-seed", **SMALL)
+    model = create_model("vil-1m", **SMALL)
     decay, no_decay = model.param_groups(weight_decay=0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     ids = [id(p) for p in decay["params"]] + [id(p) for p in no_decay["params"]]
@@ -181,7 +181,7 @@ def test_param_groups_cover_every_parameter_once_and_spare_biases_norms_and_embe
 
 
 def test_flops_per_image():
-    small, deep = create_model("vil-seed"), create_model("vil-t")
+    small, deep = create_model("vil-1m"), create_model("vil-t")
     assert 0 < small.flops_per_image() < deep.flops_per_image()
     # the blocks dominate: 6x the blocks, about 6x the FLOPs
     assert 5.5 < deep.flops_per_image() / small.flops_per_image() < 6.1
@@ -190,7 +190,7 @@ def test_flops_per_image():
 
 
 def test_model_compiles_without_graph_breaks():
-    model = create_model("vil-seed", **SMALL)
+    model = create_model("vil-1m", **SMALL)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
@@ -235,7 +235,7 @@ def test_block_diagonal_weights_are_the_block_diagonal_matrix():
 
 def test_initialisation_follows_the_published_models():
     torch.manual_seed(0)
-    model = create_model("vil-seed", num_classes=10, img_size=32, dim=64, depth=4)
+    model = create_model("vil-1m", num_classes=10, img_size=32, dim=64, depth=4)
     dim = 64
     for block in model.blocks:
         layer, cell = block.layer, block.layer.cell
@@ -255,7 +255,7 @@ def test_initialisation_follows_the_published_models():
 @pytest.mark.parametrize("pooling", ["bilateral_concat", "bilateral_avg"])
 def test_pooling_reads_the_first_and_last_token(pooling):
     torch.manual_seed(0)
-    model = create_model("vil-seed", num_classes=3, img_size=16, dim=32, depth=2, pooling=pooling).eval()
+    model = create_model("vil-1m", num_classes=3, img_size=16, dim=32, depth=2, pooling=pooling).eval()
     tokens = {}
     model.norm.register_forward_hook(lambda module, inputs, output: tokens.update(x=output))
     x = torch.randn(2, 3, 16, 16)

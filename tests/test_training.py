@@ -291,12 +291,16 @@ def test_evaluate_without_tta_scores_the_plain_logits_and_with_it_the_mirrored_m
         assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
-def test_tta_only_where_training_flips():
-    assert training.mirror_tta(dict(tta=True, flip=True), digits=False)
-    assert not training.mirror_tta(dict(tta=True, flip=True), digits=True)  # digits are never mirrored
-    assert not training.mirror_tta(dict(tta=True, flip=False), digits=False)
-    assert not training.mirror_tta(dict(tta=False, flip=True), digits=False)
-    assert not training.mirror_tta(dict(flip=True), digits=False)  # a checkpoint from before --tta
+def test_tta_and_flips_only_where_training_flips():
+    cifar, mnist = dict(tta=True, flip=True, dataset="cifar10"), dict(tta=True, flip=True, dataset="mnist")
+    assert training.mirror_tta(cifar) and training.random_flips(cifar)
+    assert training.make_augment(dict(training.DEFAULTS, **cifar)).flip
+    # digits are never mirrored, whatever the flags say
+    assert not training.mirror_tta(mnist) and not training.random_flips(mnist)
+    assert not training.make_augment(dict(training.DEFAULTS, **mnist)).flip
+    assert not training.mirror_tta(dict(cifar, flip=False))
+    assert not training.mirror_tta(dict(cifar, tta=False))
+    assert not training.mirror_tta(dict(flip=True, dataset="cifar10"))  # a checkpoint from before --tta
 
 
 def test_progress_lines_reach_a_log_file(data_dir, tmp_path):
@@ -379,13 +383,13 @@ def test_augmentation_ranges_agree_with_data_augment(name):
     for value in inside:  # what the table allows, data.Augment builds
         config = dict(training.DEFAULTS, policy="randaugment", **{name: value})
         training.check_config(config)
-        training.make_augment(config, digits=False)
+        training.make_augment(config)
     # below the range both refuse, the table first, with the flag's name instead of a dataclass repr
     config = dict(training.DEFAULTS, policy="randaugment", **{name: outside[0]})
     with pytest.raises(training.UserError, match=f"^{option(name)} must be"):
         training.check_config(config)
     with pytest.raises(training.UserError, match="bad augmentation flags"):
-        training.make_augment(config, digits=False)
+        training.make_augment(config)
 
 
 def test_erasing_always_and_no_policy_operations_as_data_augment_says():
@@ -393,7 +397,7 @@ def test_erasing_always_and_no_policy_operations_as_data_augment_says():
     assert refusal(["--policy-ops", "0"]) == \
         f"--policy-ops must be an integer in [1, {len(training.POLICY_OPS)}], got 0"
     for policy in FLAGS["policy"].allowed:
-        assert training.make_augment(dict(training.DEFAULTS, policy=policy), digits=False).policy == policy
+        assert training.make_augment(dict(training.DEFAULTS, policy=policy)).policy == policy
 
 
 def test_model_flags_agree_with_the_model():
@@ -495,9 +499,9 @@ def test_runs_started_in_the_same_second_without_out_dir_get_folders_of_their_ow
     monkeypatch.chdir(tmp_path)
     first, second = training.RunFolder(None), training.RunFolder(None)
     try:
-        first.claim(None, "folder-vil-seed-20261125-101500", resume=False)
-        second.claim(None, "folder-vil-seed-20261125-101500", resume=False)
-        assert first.out_dir == os.path.join("runs", "folder-vil-seed-20261125-101500")
+        first.claim(None, "folder-vil-1m-20261125-101500", resume=False)
+        second.claim(None, "folder-vil-1m-20261125-101500", resume=False)
+        assert first.out_dir == os.path.join("runs", "folder-vil-1m-20261125-101500")
         assert second.out_dir == first.out_dir + "-2"
     finally:
         first.release()
@@ -622,6 +626,20 @@ def test_image_folder_classes_are_saved_and_a_change_is_refused(trained_run, dat
     code, captured = run_main(TINY + ["--data-dir", str(single), "--out-dir", str(tmp_path / "one"),
                                       "--epochs", "1"], capsys)
     assert code == 2 and "needs at least 2 classes" in captured.err, captured.err
+
+
+def test_the_old_preset_name_vil_seed_still_works_for_commands_and_saved_runs(trained_run, tmp_path, capsys):
+    config = training.parse_config(["--dataset", "cifar", "--model", "vil-seed"])[0]
+    assert (config["dataset"], config["model"]) == ("cifar10", "vil-1m")
+    old, new = training.create_model("vil-seed"), training.create_model("vil-1m")
+    assert old.config == new.config
+    out = copy_run(trained_run, tmp_path)  # a run saved when the preset was called vil-seed
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    checkpoint["config"]["model"] = "vil-seed"
+    torch.save(checkpoint, out / "checkpoint.pt")
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    assert code == 0, captured.err
+    assert json.loads((out / "final.json").read_text())["model"] == "vil-1m"
 
 
 def test_a_resumed_optimizer_uses_the_fused_kernel_of_this_device(trained_run, tmp_path):
