@@ -142,10 +142,15 @@ class Augment:
     def __post_init__(self):
         if self.policy not in ("none", "randaugment", "trivialaugment"):
             raise ValueError(f"unknown augmentation policy {self.policy!r}: none, randaugment or trivialaugment")
-        if self.crop_padding < 0 or self.policy_ops < 1 or not 0 <= self.policy_magnitude <= 30:
-            raise ValueError(f"need crop_padding >= 0, policy_ops >= 1, 0 <= policy_magnitude <= 30: {self}")
-        if min(self.mixup_alpha, self.cutmix_alpha) < 0 or not (0 <= self.erasing_prob <= 1 and 0 <= self.mix_prob <= 1):
-            raise ValueError(f"need alphas >= 0 and probabilities in [0, 1]: {self}")
+        # each a condition that holds: NaN fails every comparison, so it is refused too
+        holds = {"crop_padding >= 0": self.crop_padding >= 0, "policy_ops >= 1": self.policy_ops >= 1,
+                 "0 <= policy_magnitude <= 30": 0 <= self.policy_magnitude <= 30,
+                 "0 <= erasing_prob <= 1": 0 <= self.erasing_prob <= 1, "0 <= mix_prob <= 1": 0 <= self.mix_prob <= 1,
+                 "mixup_alpha finite, >= 0": 0 <= self.mixup_alpha < math.inf,
+                 "cutmix_alpha finite, >= 0": 0 <= self.cutmix_alpha < math.inf}
+        broken = [condition for condition, held in holds.items() if not held]
+        if broken:
+            raise ValueError(f"need {'; '.join(broken)}: {self}")
 
     @property
     def mixes(self):

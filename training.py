@@ -65,6 +65,16 @@ class Flag:
         low, high = (self.type(end) for end in self.allowed[1:-1].split(","))
         return low, high, self.allowed[0] == "[", self.allowed[-1] == "]"
 
+    def in_interval(self, value):
+        """Whether value is a number of the flag's type (an int passes for a float), finite, in the interval."""
+        numbers = (int, float) if self.type is float else int
+        if isinstance(value, bool) or not isinstance(value, numbers) or not math.isfinite(value):
+            return False
+        low, high, low_included, high_included = self.interval()
+        above_low = low < value or (low_included and value == low)
+        below_high = value < high or (high_included and value == high)
+        return above_low and below_high
+
     def check(self, name, value):
         """Raise a UserError that names the flag unless value is allowed."""
         if value is None and self.default is None:
@@ -74,13 +84,7 @@ class Flag:
             if value not in self.allowed:
                 raise UserError(f"{flag} must be one of {', '.join(self.allowed)}, got {value!r}")
         elif isinstance(self.allowed, str):
-            low, high, low_included, high_included = self.interval()
-            number = (isinstance(value, (int, float) if self.type is float else int)
-                      and not isinstance(value, bool))
-            inside = (number and (isinstance(value, int) or math.isfinite(value))
-                      and (low < value or low_included and value == low)
-                      and (value < high or high_included and value == high))
-            if not inside:
+            if not self.in_interval(value):
                 kind = "an integer" if self.type is int else "a finite number"
                 raise UserError(f"{flag} must be {kind} in {self.allowed}, got {value!r}")
         elif not isinstance(value, self.type):

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import stat
@@ -773,8 +774,13 @@ def test_shards_are_disjoint_and_complete():
 def test_bad_settings_raise_value_error():
     with pytest.raises(ValueError, match="policy"):
         data.Augment(policy="autoaugment")
-    with pytest.raises(ValueError, match="probabilities"):
-        data.Augment(erasing_prob=1.5)
+    for field, value, condition in [("erasing_prob", 1.5, "0 <= erasing_prob <= 1"),
+                                    ("crop_padding", -1, "crop_padding >= 0"),
+                                    ("mixup_alpha", float("nan"), "mixup_alpha finite"),
+                                    ("cutmix_alpha", float("inf"), "cutmix_alpha finite"),
+                                    ("policy_magnitude", float("nan"), "0 <= policy_magnitude <= 30")]:
+        with pytest.raises(ValueError, match=f"need {re.escape(condition)}"):
+            data.Augment(**{field: value})
     with pytest.raises(ValueError, match="no full batch"):
         raw_loader(data.Augment(), batch_size=N + 1)
 
