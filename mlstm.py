@@ -101,15 +101,17 @@ def _log_decay_matrix(log_forget, igate):
     return torch.where(on_or_below, segment + igate.unsqueeze(-2), -math.inf)
 
 
-def _decayed_scores(q, k, v, log_d, m):
+def _decayed_scores(q, k, v, log_d, m, overwrite=False):
     """The parallel form (part 2) from log D and the row stabiliser m, up to the normalisation.
 
     q, k, v: (..., L, DH); log_d: (..., L, L) and m: (..., L, 1) in the gate dtype. Returns the
     decay D' = exp(log D - m) / sqrt(DH) and the scores C = (q k^T) * D', both (..., L, L), the
-    numerator C v: (..., L, DH) and dot = sum_s C[:, s]: (..., L, 1).
+    numerator C v: (..., L, DH) and dot = sum_s C[:, s]: (..., L, 1). overwrite: D' is computed in
+    the memory of log_d (one S x S matrix fewer at a time; not where autograd or the caller needs log D).
     """
     # 1/sqrt(DH) on the keys is folded into the decay: exp(log D - m - log sqrt(DH))
-    decay = torch.exp(log_d - (m + 0.5 * math.log(q.shape[-1])))
+    shift = m + 0.5 * math.log(q.shape[-1])
+    decay = log_d.sub_(shift).exp_() if overwrite else torch.exp(log_d - shift)
     c = (q @ k.transpose(-1, -2)) * decay
     numerator = c.to(v.dtype) @ v
     dot = c.sum(-1, keepdim=True)
@@ -178,7 +180,7 @@ class ParallelMLSTM(torch.autograd.Function):
     def forward(ctx, q, k, v, igate, log_forget, eps):
         log_d = _log_decay_matrix(log_forget, igate)  # (..., S, S)
         m, argmax = log_d.max(-1, keepdim=True)  # (..., S, 1)
-        decay, c, numerator, dot = _decayed_scores(q, k, v, log_d, m)  # c, decay: (..., S, S) in the gate dtype
+        decay, c, numerator, dot = _decayed_scores(q, k, v, log_d, m, overwrite=True)  # (..., S, S) in the gate dtype
         ctx.save_for_backward(q, k, v, c, decay, numerator, dot, m, argmax)
         ctx.eps = eps
         return _normalise(numerator, dot, m, eps)
