@@ -101,7 +101,7 @@ FLAGS = {
                      "the dataset (cifar: cifar10)"),
         data_dir=Flag("./data", str, None, "data root (torchvision layout); downloads go there"),
         out_dir=Flag(None, str, None, "run folder (default runs/<dataset>-<model>-<date>-<time>)"),
-        limit_train=Flag(0, int, "[0, 1000000000]", "train on the first N images only (0: all)"),
+        limit_train=Flag(0, int, "[0, 1000000000]", "train on N images only, drawn at random by --seed (0: all)"),
         # for small images: 60000 MNIST digits padded to 256 px already take 4 GB
         pad_to=Flag(32, int, "[0, 256]", "zero-pad smaller images (28-px MNIST) to this size, as the replaced "
                                          "repository did (0: off)"),
@@ -173,7 +173,7 @@ RECIPES = {
     "folder": dict(epochs=50),
 }
 # On --resume the run's own config.json is used; only these may be changed on the command line.
-RESUME_OVERRIDABLE = ("epochs", "device", "data_dir", "compile", "tta")
+RESUME_OVERRIDABLE = ("epochs", "device", "data_dir", "compile", "tta", "amp")
 # ---------------------------------------------------------------------------------------------
 
 
@@ -216,6 +216,11 @@ def parse_config(argv):
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))
     resume, eval_only = given.pop("resume", False), given.pop("eval_only", False)
     checkpoint = given.pop("checkpoint", None)
+    if checkpoint is not None and not eval_only:
+        raise UserError("--checkpoint names the file for --eval-only; to continue a run use --resume "
+                        "--out-dir FOLDER")
+    if eval_only and resume:
+        raise UserError("--eval-only and --resume exclude each other: evaluate a saved run, or continue it")
     given = canonical_names(given)
     config = {**DEFAULTS, **RECIPES.get(given.get("dataset", DEFAULTS["dataset"]), {}), **given}
     check_config(config)
@@ -263,7 +268,9 @@ def autocast_dtype(amp, device):
     about 1.7x faster than float32 to the same accuracy (README.md, "Speed"); float32 elsewhere."""
     if amp == "auto":
         if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "off"
+            # native bf16 from Ampere (compute capability 8) on; is_bf16_supported() also counts
+            # the emulated bf16 of older GPUs, which is slower than float32
+            amp = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "off"
         else:
             amp = "bf16" if cpu_has_native_bf16() else "off"
     if amp == "fp16" and device.type != "cuda":
@@ -517,9 +524,12 @@ def resolve_run(config, given, resume):
     for key in RESUME_OVERRIDABLE:
         if key in given or key not in saved:
             saved[key] = config[key]
-    if saved["epochs"] < checkpoint["epoch"]:
-        raise UserError(f"the run in {config['out_dir']} has trained {checkpoint['epoch']} epochs "
-                        f"already; --epochs {saved['epochs']} would end before that")
+    trained = checkpoint["epoch"] + (checkpoint["step"] > 0)  # epochs begun
+    if saved["epochs"] < trained:
+        done = (f"{checkpoint['epoch']} epochs" if trained == checkpoint["epoch"] else
+                f"{checkpoint['epoch']} epochs and {checkpoint['step']} steps of epoch {trained}")
+        raise UserError(f"the run in {config['out_dir']} has trained {done} already; --epochs "
+                        f"{saved['epochs']} would end before that")
     saved["out_dir"] = config["out_dir"]
     return saved, checkpoint
 
@@ -529,17 +539,21 @@ def restore(checkpoint, path, model, optimizer, scaler, ema, device):
     (epoch, step, partial sums) of the point it was saved at."""
     try:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        # the fused AdamW kernel where this device has one, whichever device saved the checkpoint.
+        # load_state_dict takes 'fused' from the file and places each 'step' counter by it: a CPU
+        # checkpoint's counters would stay on the CPU under a fused CUDA kernel (and torch before
+        # 2.4 has no fused AdamW on the CPU), so the file's groups are set before loading
+        state = checkpoint["optimizer"]
+        groups = [{**group, "fused": device.type == "cuda"} for group in state["param_groups"]]
+        optimizer.load_state_dict({**state, "param_groups": groups})
+        # a scaler state only where both the run's and the saved scaler are on (--amp fp16 before and
+        # now); a run resumed under another --amp starts a fresh one or none
+        if scaler.is_enabled() and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} does not fit the run's model ({type(error).__name__}: {str(error)[:200]})")
-    # the fused AdamW kernel where this device has one, whichever device saved the checkpoint:
-    # load_state_dict takes 'fused' from the file (a CPU checkpoint would stay unfused on a GPU,
-    # and torch before 2.4 has no fused AdamW on the CPU)
-    for group in optimizer.param_groups:
-        group["fused"] = device.type == "cuda"
     return checkpoint["epoch"], checkpoint["step"], checkpoint["partial"]
 
 
@@ -765,8 +779,12 @@ def load_splits(config, rank, world_size, device, checkpoint_path):
         train_images, train_labels, val_images, val_labels = split_train_val(
             train_images, train_labels, config["val_size"], seed=config["seed"])
         val = val_images, val_labels
-    if config["limit_train"]:
-        train_images, train_labels = train_images[:config["limit_train"]], train_labels[:config["limit_train"]]
+    if 0 < config["limit_train"] < len(train_labels):
+        # a seeded random subset (in the split's order), not the first N: a folder's images come
+        # sorted by class, so its first N could all be of one class
+        keep = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(config["seed"]))
+        keep = keep[:config["limit_train"]].sort().values.to(train_labels.device)
+        train_images, train_labels = train_images[keep], train_labels[keep]
     if len(train_labels) < config["batch_size"]:
         raise UserError(f"--batch-size {config['batch_size']} is larger than the "
                         f"{len(train_labels)} training images")
@@ -1080,7 +1098,9 @@ def train(config, given, resume, folder):
             seconds = meter.seconds()
             progress.close()
             end_epoch(run, epoch, meter, seconds)
-            if stop.requested:
+            # agreed by all processes, as check_step's: process 0, the last to leave end_epoch (it
+            # writes the run files), may be asked to stop after the others have started the next epoch
+            if all_reduce_sum([float(stop.requested)], run.device)[0]:
                 raise KeyboardInterrupt
     return final_evaluation(run)
 
@@ -1101,7 +1121,7 @@ EVAL_KEYS = ("dataset", "data_dir", "image_size", "amp", "flip", "model_config",
 
 def evaluate_checkpoint(path, given):
     """--eval-only: rebuild the model from the checkpoint's own config, report test accuracy and
-    write it to eval.json beside the checkpoint."""
+    write it to eval-<checkpoint name>.json beside the checkpoint (eval-best.json for best.pt)."""
     if not path:
         raise UserError("--eval-only needs --checkpoint PATH (a checkpoint.pt or best.pt of a run)")
     checkpoint = load_checkpoint(path)
@@ -1130,7 +1150,9 @@ def evaluate_checkpoint(path, given):
                   test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None)
     print(f"test accuracy {100 * accuracy:.2f}% (loss {loss:.4f}) of {path} "
           f"(epoch {checkpoint['epoch']}{', EMA weights' if result['ema'] else ''})")
-    eval_path = os.path.join(os.path.dirname(os.path.abspath(path)), "eval.json")
+    # named after the checkpoint, so that evaluating best.pt and checkpoint.pt keeps both results
+    stem = os.path.splitext(os.path.basename(path))[0]
+    eval_path = os.path.join(os.path.dirname(os.path.abspath(path)), f"eval-{stem}.json")
     try:
         save_json(result, eval_path)
     except OSError as error:

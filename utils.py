@@ -123,6 +123,10 @@ def setup_distributed(device_name):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(device_name)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started process {local_rank} of this machine, which has "
+                            f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node={torch.cuda.device_count()} "
+                            f"or fewer")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     # the others wait in a collective while process 0 downloads and decodes the data, which can take

@@ -170,3 +170,22 @@ def test_training_runs_end_to_end_on_cuda_with_bf16(tmp_path, capsys):
     final = json.loads((out / "final.json").read_text())
     assert final["device"].startswith(DEVICE) and final["autocast"] == "bfloat16"
     assert final["test_acc"] > 0.9  # two brightness classes, as the CPU run of tests/test_training.py
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_cpu_run_resumes_on_cuda_with_the_fused_optimizer_and_any_amp(tmp_path, capsys, amp):
+    # the optimizer's step counters move to the GPU for the fused kernel; an fp16 resume of a run
+    # saved without a gradient scaler starts a fresh scaler
+    data_dir = str(tmp_path / "data")
+    write_folder_dataset(data_dir)
+    out = tmp_path / "run"
+    assert run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"])[0] == 0
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "3", "--device", DEVICE,
+                               "--amp", amp], capsys)
+    assert code == 0, captured.err
+    resumed = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 3 and all(group["fused"] for group in resumed["optimizer"]["param_groups"])
+    assert all(float(state["step"]) == 3 * 6 for state in resumed["optimizer"]["state"].values())
+    assert bool(resumed["scaler"]) == (amp == "fp16")
+    final = json.loads((out / "final.json").read_text())
+    assert final["device"].startswith(DEVICE) and final["test_acc"] > 0.9

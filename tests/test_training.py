@@ -168,9 +168,18 @@ def test_eval_only_rebuilds_the_model_from_the_checkpoint_and_matches_the_run(da
                                "--data-dir", data_dir, "--device", "cpu"], capsys)
     assert code == 0, captured.err
     final = json.loads((out / "final.json").read_text())
-    result = json.loads((out / "eval.json").read_text())
+    result = json.loads((out / "eval-checkpoint.json").read_text())
     assert result["test_acc"] == pytest.approx(final["test_acc"])
     assert f"{100 * final['test_acc']:.2f}%" in captured.out
+
+
+def test_checkpoint_without_eval_only_and_eval_only_with_resume_are_refused(trained_run, capsys):
+    # each would otherwise silently ignore a flag (a fresh run beside --checkpoint, say)
+    checkpoint = str(trained_run / "checkpoint.pt")
+    for args, message in (([], "--checkpoint names the file for --eval-only"),
+                          (["--eval-only", "--resume", "--out-dir", str(trained_run)], "exclude each other")):
+        code, captured = run_main(["--checkpoint", checkpoint, *args], capsys)
+        assert code == 2 and message in captured.err, captured.err
 
 
 def test_a_new_run_never_overwrites_an_existing_checkpoint(data_dir, tmp_path, capsys):
@@ -243,7 +252,20 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data
 
 
 def test_limit_train_on_a_folder_keeps_every_class(data_dir, tmp_path, capsys):
-    # folder images come sorted by class, so the first 32 are all of class 0
+    # folder images come sorted by class (48 per class here), so the first 32 are all of class 0
+    def limited(seed):
+        config = training.parse_config(TINY + ["--data-dir", data_dir, "--limit-train", "32", "--seed", seed])[0]
+        return training.load_splits(config, 0, 1, torch.device("cpu"), None)[:2]
+
+    images, labels = limited("3")
+    whole_images, whole_labels = training.load_splits(
+        training.parse_config(TINY + ["--data-dir", data_dir])[0], 0, 1, torch.device("cpu"), None)[:2]
+    assert len(labels) == 32 and torch.bincount(labels).min() >= 8  # both classes, not 32 of one
+    assert torch.equal(labels, labels.sort().values)  # a subset in the split's (class-sorted) order
+    rows = [next(i for i in range(len(whole_images)) if torch.equal(whole_images[i], image)) for image in images]
+    assert torch.equal(whole_labels[rows], labels)  # each image kept with its own label
+    assert torch.equal(limited("3")[1], labels) and torch.equal(limited("3")[0], images)  # seeded
+    assert not torch.equal(limited("4")[0], images)
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1",
                                       "--limit-train", "32"], capsys)
@@ -627,6 +649,39 @@ def test_image_folder_classes_are_saved_and_a_change_is_refused(trained_run, dat
     code, captured = run_main(TINY + ["--data-dir", str(single), "--out-dir", str(tmp_path / "one"),
                                       "--epochs", "1"], capsys)
     assert code == 2 and "needs at least 2 classes" in captured.err, captured.err
+
+
+def test_amp_auto_on_a_gpu_is_bf16_from_ampere_on_not_where_bf16_is_emulated(monkeypatch):
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # counts emulation
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert training.autocast_dtype("auto", gpu) is None
+    assert training.autocast_dtype("bf16", gpu) == torch.bfloat16  # asked for: granted (emulated)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    assert training.autocast_dtype("auto", gpu) == torch.bfloat16
+
+
+def test_a_run_resumes_under_another_amp(trained_run, tmp_path, capsys):
+    # a run moved to a device where its --amp does not work (fp16 on a CPU) continues under another
+    out = copy_run(trained_run, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["amp"] == "off"
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2", "--amp", "bf16"], capsys)
+    assert code == 0, captured.err
+    assert "ignoring" not in captured.out
+    assert json.loads((out / "final.json").read_text())["autocast"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["amp"] == "bf16"
+
+
+def test_resume_refuses_fewer_epochs_than_the_run_has_begun(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path)
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    checkpoint["step"] = 2  # saved partway into epoch 2, as a stop there does
+    torch.save(checkpoint, out / "checkpoint.pt")
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "final.json")}
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "1"], capsys)
+    assert code == 2 and "1 epochs and 2 steps of epoch 2 already" in captured.err, captured.err
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_the_old_preset_name_vil_seed_still_works_for_commands_and_saved_runs(trained_run, tmp_path, capsys):
