@@ -919,8 +919,9 @@ def train_step(run, x, y, global_step):
 class EpochMeter:
     """An epoch's training so far on this process: running sums on the device (loss * images,
     correct), read only at checks, the loss of each step (to name the first non-finite one), the
-    images seen and the seconds spent. A mid-epoch checkpoint keeps its partial state, so that a
-    resumed epoch reports what an uninterrupted one would."""
+    images seen and the seconds spent. A mid-epoch checkpoint keeps its partial state, the sums and
+    images of all processes, so that a resumed epoch reports what an uninterrupted one would (each
+    process of the resumed run starts from an equal share of them; end_epoch adds the shares up)."""
 
     def __init__(self, steps_per_epoch, device):
         self.sums = torch.zeros(2, device=device, dtype=torch.float64)
@@ -929,20 +930,25 @@ class EpochMeter:
         self.started = time.perf_counter()
 
     @classmethod
-    def from_partial(cls, partial, steps_done, steps_per_epoch, device):
-        """The meter of an epoch that goes on after steps_done steps from `partial` (to_partial's
-        dict; None: an epoch from its start)."""
+    def from_partial(cls, partial, steps_done, steps_per_epoch, device, world_size=1):
+        """The meter of one of world_size processes in an epoch that goes on after steps_done steps
+        from `partial` (to_partial's dict; None: an epoch from its start)."""
         meter = cls(steps_per_epoch, device)
         if partial is not None:
-            meter.sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64)
+            meter.sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64) / world_size
             meter.step_losses[:steps_done] = torch.tensor(partial["step_losses"], device=device)
-            meter.seen, meter.seconds_before = partial["seen"], partial["seconds"]
+            seen = partial["seen"]
+            meter.seen = seen // world_size if seen % world_size == 0 else seen / world_size
+            meter.seconds_before = partial["seconds"]
         return meter
 
     def to_partial(self, steps_done):
-        """The state after steps_done steps, as a checkpoint keeps it (plain numbers)."""
-        return dict(sums=self.sums.tolist(), step_losses=self.step_losses[:steps_done].tolist(),
-                    seen=self.seen, seconds=self.seconds())
+        """The state after steps_done steps, as a checkpoint keeps it (plain numbers): the sums and
+        images of all processes (a collective: under torchrun every process calls it at the same step),
+        this process's step losses."""
+        *sums, seen = all_reduce_sum(self.sums.tolist() + [self.seen], self.sums.device)
+        return dict(sums=sums, step_losses=self.step_losses[:steps_done].tolist(),
+                    seen=round(seen), seconds=self.seconds())
 
     def add(self, step, loss, correct, images):
         self.step_losses[step] = loss
@@ -1080,7 +1086,7 @@ def train(config, given, resume, folder):
                                    run.is_main)
             start_step = run.start_step if epoch == run.start_epoch else 0
             meter = EpochMeter.from_partial(run.partial if epoch == run.start_epoch else None, start_step,
-                                            run.steps_per_epoch, run.device)
+                                            run.steps_per_epoch, run.device, run.world_size)
             for step, (x, y) in enumerate(run.loader.epoch(epoch, start_step), start=start_step):
                 loss, correct = train_step(run, x, y, epoch * run.steps_per_epoch + step)
                 meter.add(step, loss, correct, len(y))

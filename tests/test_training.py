@@ -684,6 +684,22 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_begun(trained_run, tmp_pat
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_a_mid_epoch_partial_state_is_shared_out_over_the_processes_of_the_resumed_run():
+    # to_partial keeps the sums of all processes; each of N resumed processes starts from a share,
+    # and end_epoch's sum over the processes gives back the saved totals
+    meter = training.EpochMeter(5, torch.device("cpu"))
+    for step, (loss, correct) in enumerate([(2.0, 3), (1.5, 5), (1.0, 6)]):
+        meter.add(step, torch.tensor(loss), torch.tensor(correct), 8)
+    partial = meter.to_partial(3)
+    assert partial["sums"] == pytest.approx([8 * (2.0 + 1.5 + 1.0), 14]) and partial["seen"] == 24
+    for world_size in (1, 2, 3, 5):
+        shares = [training.EpochMeter.from_partial(partial, 3, 5, torch.device("cpu"), world_size)
+                  for _ in range(world_size)]
+        assert sum(share.sums for share in shares).tolist() == pytest.approx(partial["sums"])
+        assert sum(share.seen for share in shares) == pytest.approx(24)
+        assert all(share.step_losses[:3].tolist() == [2.0, 1.5, 1.0] for share in shares)
+
+
 def test_the_old_preset_name_vil_seed_still_works_for_commands_and_saved_runs(trained_run, tmp_path, capsys):
     config = training.parse_config(["--dataset", "cifar", "--model", "vil-seed"])[0]
     assert (config["dataset"], config["model"]) == ("cifar10", "vil-1m")
