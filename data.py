@@ -104,9 +104,15 @@ def split_train_val(images, labels, val_size, seed=0):
     count = round(val_size * n) if isinstance(val_size, float) and 0 < val_size < 1 else int(val_size)
     if not 0 < count < n:
         raise ValueError(f"val_size={val_size} must leave at least one image in each of train and val (N={n})")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:count].sort().values, perm[count:].sort().values
+    val_idx, train_idx = seeded_choice(n, count, seed)
     return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+
+
+def seeded_choice(n, count, seed):
+    """count of the indices 0..n-1 drawn by a seeded permutation, and the others: two index tensors,
+    each in ascending order (a subset keeps the order of the split it comes from)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:count].sort().values, perm[count:].sort().values
 
 
 def channel_mean_std(images):

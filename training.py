@@ -41,7 +41,7 @@ except ImportError:  # Windows: run folders are not locked there
     fcntl = None
 
 from data import (DATASET_ALIASES, DATASETS, POLICY_OPS, Augment, DeviceLoader, channel_mean_std,
-                  folder_classes, load_dataset, split_train_val)
+                  folder_classes, load_dataset, seeded_choice, split_train_val)
 from mlstm import CONV_KINDS, MLSTM_FORMS
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, autocast,
@@ -782,8 +782,7 @@ def load_splits(config, rank, world_size, device, checkpoint_path):
     if 0 < config["limit_train"] < len(train_labels):
         # a seeded random subset (in the split's order), not the first N: a folder's images come
         # sorted by class, so its first N could all be of one class
-        keep = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(config["seed"]))
-        keep = keep[:config["limit_train"]].sort().values.to(train_labels.device)
+        keep = seeded_choice(len(train_labels), config["limit_train"], config["seed"])[0].to(train_labels.device)
         train_images, train_labels = train_images[keep], train_labels[keep]
     if len(train_labels) < config["batch_size"]:
         raise UserError(f"--batch-size {config['batch_size']} is larger than the "
@@ -937,9 +936,7 @@ class EpochMeter:
         if partial is not None:
             meter.sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64) / world_size
             meter.step_losses[:steps_done] = torch.tensor(partial["step_losses"], device=device)
-            seen = partial["seen"]
-            meter.seen = seen // world_size if seen % world_size == 0 else seen / world_size
-            meter.seconds_before = partial["seconds"]
+            meter.seen, meter.seconds_before = partial["seen"] / world_size, partial["seconds"]
         return meter
 
     def to_partial(self, steps_done):
