@@ -12,6 +12,7 @@ draws, augments and normalises batches there, vectorised over the batch:
     for x, y in loader.epoch(0): ...
 """
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -30,6 +31,11 @@ import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
+
+try:
+    import fcntl
+except ImportError:  # Windows: downloads go without the lock of _data_root_lock
+    fcntl = None
 
 import numpy as np
 import torch
@@ -80,10 +86,11 @@ def load_dataset(name, root="./data", train=True, image_size=32):
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     layout = _LAYOUTS[name]
     wanted = [f"{layout.folder}/{f}" for f in (layout.train if train else layout.test)]
-    missing = [rel for rel in wanted if not os.path.isfile(os.path.join(root, rel))]
-    if missing:
-        _fetch_missing(name, root, layout, missing)
-    _verify(root, wanted)
+    with _data_root_lock(root):
+        missing = [rel for rel in wanted if not os.path.isfile(os.path.join(root, rel))]
+        if missing:
+            _fetch_missing(name, root, layout, missing)
+        _verify(root, wanted)
     paths = [os.path.join(root, rel) for rel in wanted]
     if layout.archive is None:
         images, labels = read_idx(paths[0], 2051), read_idx(paths[1], 2049)
@@ -650,6 +657,32 @@ def verification_cache_path(root):
     cache = os.environ.get("VIL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vision-lstm")
     return os.path.join(cache, "verified.json")
+
+
+@contextlib.contextmanager
+def _data_root_lock(root):
+    """Hold an exclusive lock (flock) on the data root folder while its files are fetched and checked.
+    Processes that share a root (torchrun's, which all load the data, or two runs started together)
+    then download and md5 each file once, one after the other, instead of removing each other's
+    temporary files; a process that waits finds the files in place and already checked. A read-only
+    root, a filesystem without flock, or Windows go without it."""
+    if fcntl is None or not _writable(root):
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"data: waiting for another process that fetches or checks files in {root}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock here (some network filesystems)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _md5(path):

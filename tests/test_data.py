@@ -294,6 +294,7 @@ class TinyServer:
 
     def __init__(self, files):
         self.files, self.truncate, self.requests = dict(files), set(), []
+        self.delay = 0.0  # seconds before each answer
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -304,6 +305,7 @@ class TinyServer:
                     self.send_error(404)
                     return
                 raw = server.files[name]
+                time.sleep(server.delay)
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
@@ -356,6 +358,34 @@ def test_download_mnist_from_the_second_mirror(tmp_path, server):
     server.requests.clear()
     data.load_dataset("mnist", tmp_path / "root", train=True)
     assert server.requests == []  # present files are not fetched again
+
+
+def test_processes_sharing_a_data_root_download_each_file_once(tmp_path, server):
+    """torchrun's processes all load the data at once: the root is locked while files are fetched, so
+    each file is downloaded once and every loader gets it (two downloads at once removed each
+    other's temporary file). Two threads, as flock locks separate opens of the folder apart."""
+    files = serve_mnist(server, tmp_path)
+    data.MIRRORS["mnist"] = [server.url]
+    server.delay = 0.3  # both loaders are under way before the first file arrives
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(data.load_dataset("mnist", tmp_path / "root", train=True))
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(results) == 2
+    assert sorted(server.requests) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for rel, raw in files.items():
+        if "train" in rel:
+            assert (tmp_path / "root" / rel).read_bytes() == raw
 
 
 def test_downloaded_and_remembered_files_are_readable_by_others(tmp_path, server):
