@@ -251,6 +251,16 @@ def test_initialisation_follows_the_published_models():
         assert abs(layer.proj_up.weight.std().item() - (2 / (5 * dim)) ** 0.5) < 0.1 * (2 / (5 * dim)) ** 0.5
         assert abs(layer.proj_down.weight.std().item() - 2 / dim ** 0.5) < 0.1 * 2 / dim ** 0.5
         assert torch.all(layer.proj_up.bias == 0) and torch.all(layer.proj_down.bias == 0)
+        assert all(torch.all(proj.bias == 0) for proj in (layer.q_proj, layer.k_proj, layer.v_proj))
+        assert torch.all(cell.norm_weight == 1) and torch.all(cell.norm_bias == 0)
+    # q/k/v: the same small init, the model width D (not the inner width 2 D) setting the scale;
+    # pooled over the blocks (6144 weights) so that the sample std is within 1% or so
+    qkv = torch.cat([proj.weight.flatten() for block in model.blocks
+                     for proj in (block.layer.q_proj, block.layer.k_proj, block.layer.v_proj)])
+    assert abs(qkv.std().item() - (2 / (5 * dim)) ** 0.5) < 0.04 * (2 / (5 * dim)) ** 0.5
+    # input-gate biases N(0, 0.1): 4 heads x 4 blocks of them
+    igate_bias = torch.cat([block.layer.cell.igate.bias for block in model.blocks])
+    assert 0.05 < igate_bias.std().item() < 0.2 and abs(igate_bias.mean().item()) < 0.1
     assert abs(model.head.weight.std().item() - 2e-5) < 0.2 * 2e-5 and torch.all(model.head.bias == 0)
     assert 0.015 < model.pos_embed.std().item() < 0.025
     assert model.norm.eps == 1e-6
