@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import training
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, reference_vil_layer
 from model import create_model
+from utils import stop_requests
 from helpers import (FORMS, GRADIENT_REGIMES, SMALL, TINY, assert_parallel_gradient_equals_the_naive_loop_gradient,
                      make_inputs, naive_mlstm, normwise_relative_error, run_main, write_folder_dataset)
 
@@ -115,31 +117,31 @@ def test_compiled_gradients_equal_eager_on_a_preset_width_model():
         assert normwise_relative_error(compiled_param.grad.cpu(), param.grad.cpu().double()) < 1e-4, name
 
 
-def test_a_training_step_and_the_loader_never_wait_for_the_gpu():
-    # host syncs (.item(), nonzero(), blocking copies) stall the GPU's queue every step; the training
-    # step (bf16 forward, loss, backward, clipping, fused AdamW) and the augmenting loader make none
-    info = DATASETS["cifar10"]
-    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (64,))
-    loader = DeviceLoader(images, labels, 32, num_classes=10, mean=info.mean, std=info.std, train=True,
-                          augment=EVERY_AUGMENTATION, seed=0, device=DEVICE)
-    model = create_model("vil-1m", num_classes=10, img_size=32).to(DEVICE)
-    optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-3, fused=True)
-    batches = iter(loader.epoch(0))
-    next(batches)  # the first batch may set things up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        x, y = next(batches)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+def test_a_training_step_and_the_loader_never_wait_for_the_gpu(tmp_path):
+    # host syncs (.item(), nonzero(), blocking copies) stall the GPU's queue every step; training.py's
+    # own step (schedule, bf16 forward, loss, backward, clipping, fused AdamW, EMA) and the loader with
+    # every augmentation make none
+    data_dir = str(tmp_path / "data")
+    write_folder_dataset(data_dir)
+    args = [arg if arg != "cpu" else DEVICE for arg in TINY] + [
+        "--data-dir", data_dir, "--out-dir", str(tmp_path / "run"), "--amp", "bf16", "--policy", "randaugment",
+        "--flip", "--erasing", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.99"]
+    config, given, *_ = training.parse_config(args)
+    with stop_requests() as stop:
+        folder = training.RunFolder(stop)
+        try:
+            run = training.setup_run(config, given, False, folder)
+            assert run.device.type == DEVICE and run.optimizer.param_groups[0]["fused"] and run.ema is not None
+            batches = iter(run.loader.epoch(0))
+            training.train_step(run, *next(batches), 0)  # the first step may set things up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                training.train_step(run, *next(batches), 1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        finally:
+            folder.release()
 
 
 def test_loader_batches_on_cuda_depend_only_on_seed_epoch_and_step():
