@@ -190,20 +190,22 @@ class ParallelMLSTM(torch.autograd.Function):
     def backward(ctx, grad_h):
         q, k, v, c, decay, numerator, dot, m, argmax = ctx.saved_tensors
         eps, dtype = ctx.eps, c.dtype
-        grad_h = grad_h.to(dtype)
         # _normalise: h = numerator * u / den, den = max(|dot| u, lower) + eps u,
         # u = exp(min(m, 0)), lower = exp(-max(m, 0))
         u, lower = torch.exp(-torch.relu(-m)), torch.exp(-torch.relu(m))  # (..., S, 1)
         on_dot = dot.abs() * u >= lower  # which side of the max is taken
         den = torch.where(on_dot, dot.abs() * u, lower) + eps * u
         ratio = u / den
-        grad_numerator = grad_h * ratio  # (..., S, DH)
-        grad_ratio = (grad_h * numerator).sum(-1, keepdim=True)  # (..., S, 1)
+        # the (..., S, DH) products in h's dtype, bf16 under autocast (float32 copies of grad_h and of
+        # the numerator cost more than the products), their row sums and the (..., S, 1) factors in the
+        # gate dtype
+        # (..., S, DH), in v's dtype for the matmuls (h's dtype differs where float32 inputs met autocast)
+        grad_numerator = (grad_h * ratio.to(grad_h.dtype)).to(v.dtype)
+        grad_ratio = (grad_h * numerator).sum(-1, keepdim=True, dtype=dtype)  # (..., S, 1)
         grad_den = -grad_ratio * ratio / den
         grad_u = grad_ratio / den + grad_den * (torch.where(on_dot, dot.abs(), 0.0) + eps)
         grad_dot = torch.where(on_dot, grad_den * u * dot.sign(), 0.0)
         grad_m = grad_u * u * (m < 0) - torch.where(on_dot, 0.0, grad_den) * lower * (m > 0)
-        grad_numerator = grad_numerator.to(v.dtype)
         grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
         grad_c = (grad_numerator @ v.transpose(-1, -2)).to(dtype).add_(grad_dot)  # (..., S, S)
         grad_log_d = grad_c * c  # through exp(L - m); zero above the diagonal
