@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import SMALL
+from helpers import SMALL, normwise_relative_error
 from mlstm import BlockDiagonalLinear, ViLBlock, reference_vil_layer
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
 
@@ -222,6 +222,30 @@ def test_layer_matches_the_design_written_out(conv_kind, direction, dim, proj_bi
     # (about 1e-9 norm-wise here, where weights of std 0.5 give large gates); a wrong fold is off by O(1)
     for name, grad, expected_grad in zip(names, grads, expected_grads):
         assert (grad - expected_grad).norm() <= 1e-8 * expected_grad.norm(), name
+
+
+@pytest.mark.parametrize("dim", [64, 192])
+def test_layer_under_bf16_autocast_agrees_with_the_design(dim):
+    # under autocast the q/k/v matmuls run in bf16 and in wider groups (group_width_half: 32 channels,
+    # one group per head at dim 64, three at dim 192); output and every gradient must stay within bf16
+    # rounding (here 0.6-1.6% norm-wise) of the float64 design written out
+    torch.manual_seed(2)
+    layer = ViLBlock(dim, "top_left", (3, 4)).layer
+    assert layer.group_width_half > layer.group_width
+    x = torch.randn(2, 12, dim, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    reference = ViLBlock(dim, "top_left", (3, 4)).layer.double()
+    reference.load_state_dict(layer.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    expected = reference_vil_layer(reference, x64)
+    assert normwise_relative_error(out, expected) <= 2e-2
+    cotangent = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out.float(), [x, *layer.parameters()], cotangent.float())
+    expected_grads = torch.autograd.grad(expected, [x64, *reference.parameters()], cotangent)
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert normwise_relative_error(grad, expected_grad) <= 5e-2, name
 
 
 def test_block_diagonal_weights_are_the_block_diagonal_matrix():
