@@ -64,7 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
-from utils import AUTOCAST_DTYPES, autocast
+from utils import AUTOCAST_DTYPES, autocast, keep_freed_memory
 
 DTYPES = ("fp32", "bf16")  # plain fp32, or bf16 autocast (utils.AUTOCAST_DTYPES)
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
@@ -608,6 +608,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    keep_freed_memory()  # as training.py does
     args.table(args, torch.device(args.device))
 
 

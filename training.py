@@ -45,8 +45,9 @@ from data import (DATASET_ALIASES, DATASETS, POLICY_OPS, Augment, DeviceLoader, 
 from mlstm import CONV_KINDS, MLSTM_FORMS
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, autocast,
-                   cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, learning_rate,
-                   load_checkpoint, plot_curves, save_checkpoint, save_json, setup_distributed, stop_requests)
+                   cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
+                   learning_rate, load_checkpoint, plot_curves, save_checkpoint, save_json, setup_distributed,
+                   stop_requests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1164,6 +1165,7 @@ def evaluate_checkpoint(path, given):
 
 
 def main(argv=None):
+    keep_freed_memory()  # the same activations are freed and re-allocated at every step: no fresh pages each time
     with stop_requests() as stop:  # the whole run: loading data, training, evaluating
         folder = RunFolder(stop)
         try:

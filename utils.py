@@ -2,6 +2,7 @@
 autocast, distributed setup, Ctrl-C and SIGTERM, the learning-rate schedule, a weight EMA, a
 progress bar and the curves plot."""
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
@@ -213,6 +214,28 @@ def cpu_has_native_bf16():
         if check is not None and check():
             return True
     return False
+
+
+def keep_freed_memory():
+    """Keep the memory this process frees for its next allocations (glibc malloc on Linux; elsewhere
+    nothing is changed). Returns whether the setting was applied.
+
+    A training step frees and re-allocates the same large activations at every step. By default glibc
+    hands blocks above its mmap threshold, and free memory at the top of its heap, back to the system,
+    so the next tensor of that size starts on fresh pages: a page fault for every 4 KiB it touches
+    (vil-1m at bf16 batch 256: about 47,000 per step, 80 ms of system time). Here the threshold is set
+    to its largest value (32 MiB: larger tensors are still mapped and returned) and trimming is switched
+    off; the resident memory then stays near the step's peak between steps.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # no mallopt in this process (not glibc)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # autocast dtypes by name: training's --amp (its "off" is "fp32") and bench.py's --dtypes

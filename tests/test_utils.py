@@ -1,6 +1,9 @@
-"""Properties of the small helpers: the learning-rate schedule, the weight EMA, atomic files."""
+"""Properties of the small helpers: the learning-rate schedule, the weight EMA, atomic files, the allocator
+setting."""
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -190,3 +193,36 @@ def test_distributed_setup_waits_hours_for_process_0_not_the_default_minutes(mon
         monkeypatch.setenv(name, value)
     assert utils.setup_distributed("cpu") == (0, 2, torch.device("cpu"))
     assert calls[0][0] == "gloo" and calls[0][1]["timeout"] >= datetime.timedelta(hours=1)
+
+
+FREE_AND_REALLOCATE = """
+import resource, sys
+import torch
+from utils import keep_freed_memory
+applied = keep_freed_memory()
+def step():  # a step's activations: allocated and written, then all freed
+    blocks = [torch.empty(4 << 20).fill_(1.0) for _ in range(20)]  # 20 x 16 MiB
+    del blocks
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step(); step(); step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
+def test_freed_activations_are_reused_without_page_faults():
+    # in fresh processes (the allocator's state is process-wide): after keep_freed_memory, three steps
+    # that re-allocate the 320 MiB the step before freed find it in the process (0 or one block's 4096
+    # fresh pages per step in runs here). With glibc's defaults whether that memory goes back to the
+    # system varies from process to process (of 8 processes here, 5 faulted in 82,000 to 246,000 pages
+    # over the three steps, 3 only 4096), so three processes are checked
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    processes = [subprocess.Popen([sys.executable, "-c", FREE_AND_REALLOCATE], cwd=root, stdout=subprocess.PIPE,
+                                  text=True) for _ in range(3)]
+    results = [process.communicate()[0].split() for process in processes]
+    assert all(process.returncode == 0 for process in processes)
+    if results[0][0] != "True":
+        pytest.skip("mallopt not available (not glibc)")
+    pages = 20 * (16 << 20) // 4096
+    assert max(int(faults) for _, faults in results) < 3 * pages // 10, results  # over three steps each
