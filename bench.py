@@ -33,7 +33,9 @@ repeats after a warm-up, printed in the header in TFLOP/s.
 train --compile adds rows with the models wrapped in torch.compile (compiled during the warm-up; the
 optimizer step stays eager).
 block times one pair of ViL blocks (both directions) beside one ViT block, forward + backward,
-and the pair's up- and down-projections alone, in turns within one process, as the table does.
+then one ViL layer and each of its pieces on inputs of their own (up-projection, conv, q/k/v and
+gates, mLSTM cell, output gate and down-projection), all in turns within one process, as the table
+does: where a layer's time goes.
 
 The yardstick is a plain ViT of the preset's width and about its FLOPs: a ViT block costs about
 as much as two ViL blocks (one pair of directions), so its depth is half the preset's block count
@@ -470,11 +472,31 @@ def data_table(args, device):
     print()
 
 
+def layer_pieces(layer, batch_size, autocast_dtype, device):
+    """Each piece of one ViLLayer's forward on inputs of its own, in the dtype its activations have under
+    autocast_dtype: {name: function returning the piece's outputs}, to be called under that autocast. In
+    order the pieces make up ViLLayer.forward (less the token flip of a reversed layer)."""
+    tokens, dim, inner = layer.patch_grid[0] * layer.patch_grid[1], layer.dim, layer.skip.shape[0]
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(width):
+        values = torch.randn(batch_size, tokens, width, generator=generator)
+        return values.to(device, autocast_dtype or torch.float32).requires_grad_()
+
+    x, x_mlstm, x_conv, z, h = leaf(dim), leaf(inner), leaf(inner), leaf(inner), leaf(inner)
+    with torch.no_grad(), autocast(device, autocast_dtype):
+        cell_inputs = [t.detach().requires_grad_() for t in layer._qkv_and_gates(x_conv, x_mlstm)]
+    return {"up-projection": lambda: layer._up(x), "conv + SiLU": lambda: (F.silu(layer._conv(x_mlstm)),),
+            "q/k/v and gates": lambda: layer._qkv_and_gates(x_conv, x_mlstm),
+            "mLSTM cell (recurrence + norm)": lambda: (layer.cell(*cell_inputs),),
+            "output gate + down-projection": lambda: (layer._out(h, x_conv, z),)}
+
+
 def block_table(args, device):
     """Forward + backward time of one pair of ViL blocks (both directions), of one ViT block (the
-    pair's counterpart in the training table), and of the pair's up- and down-projections alone.
-    The three are timed in turns within one process, so that a shared machine's drift touches them
-    alike and their ratios hold even when the absolute times wander."""
+    pair's counterpart in the training table), of one ViL layer and of each piece of that layer
+    (layer_pieces). All are timed in turns within one process, so that a shared machine's drift
+    touches them alike and their ratios hold even when the absolute times wander."""
     autocast_dtype = AUTOCAST_DTYPES[args.dtype]
     print(f"## One block forward + backward, ms, {args.dtype}, {hardware_line(device)}\n")
     print(f"batch {args.batch_size} of {IMG_SIZE}x{IMG_SIZE} images as tokens; median (min-max) of {args.steps} "
@@ -489,22 +511,23 @@ def block_table(args, device):
         vit_block = Block(dim, dim // VIT_HEAD_DIM)
         pair, vit_block = pair.to(device), vit_block.to(device)
         x = torch.randn(args.batch_size, grid[0] * grid[1], dim, device=device, requires_grad=True)
-        inner = torch.randn(args.batch_size, grid[0] * grid[1], config.expansion * dim, device=device,
-                            requires_grad=True)
+        layer = pair[0].layer
+        candidates = {"ViL block pair": lambda: (pair(x),), "ViT block": lambda: (vit_block(x),),
+                      "ViL layer": lambda: (layer(x),)}
+        pieces = layer_pieces(layer, args.batch_size, autocast_dtype, device)
+        candidates.update({f"ViL layer: {name}": outputs for name, outputs in pieces.items()})
+        cotangents = {}
 
-        def projections():  # the matmuls of the pair's up- and down-projections, nothing else
-            return sum(block.layer.proj_up(x).sum() + block.layer.proj_down(inner).sum() for block in pair)
-
-        def forward_backward(loss_fn):
+        def forward_backward(name, outputs_fn):
             def step():
                 with autocast(device, autocast_dtype):
-                    loss = loss_fn()
-                loss.float().backward()
+                    outputs = outputs_fn()
+                if name not in cotangents:  # a fixed random gradient per output, as a loss would give
+                    cotangents[name] = [torch.randn_like(out) for out in outputs]
+                torch.autograd.backward(outputs, cotangents[name])
             return step
 
-        candidates = {"ViL block pair": lambda: pair(x).sum(), "ViT block": lambda: vit_block(x).sum(),
-                      "ViL pair: projections only": projections}
-        seconds = timed_in_turns({name: forward_backward(loss_fn) for name, loss_fn in candidates.items()},
+        seconds = timed_in_turns({name: forward_backward(name, fn) for name, fn in candidates.items()},
                                  args.steps, args.warmup, device)
         vit_ms = 1000 * statistics.median(seconds["ViT block"])
         for name, times in seconds.items():

@@ -557,19 +557,25 @@ class ViLLayer(nn.Module):
         igate, fgate = gates.view(batch, seq_len, 2 * heads).transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
         return q, k, v, igate, fgate
 
+    def _up(self, x):
+        """x: (B, S, D) -> x_mlstm, z: (B, S, inner) each. The up-projection as two matmuls, so that x_mlstm
+        and z are contiguous (the conv reads x_mlstm without a copy, and the gradient needs no concatenation)."""
+        weight_mlstm, weight_z = self.proj_up.weight.chunk(2)
+        bias_mlstm, bias_z = self.proj_up.bias.chunk(2) if self.proj_up.bias is not None else (None, None)
+        return F.linear(x, weight_mlstm, bias_mlstm), F.linear(x, weight_z, bias_z)
+
+    def _out(self, h, x_conv, z):
+        """The output gate and the down-projection: h, x_conv, z: (B, S, inner) -> (B, S, D)."""
+        h = torch.addcmul(h, self.skip.to(h.dtype), x_conv) * F.silu(z)  # in h's dtype
+        return self.proj_down(h)
+
     def forward(self, x):
         if self.reverse:
             x = x.flip(1)
-        # the up-projection as two matmuls, so that x_mlstm and z are contiguous (the conv reads x_mlstm
-        # without a copy, and the gradient needs no concatenation)
-        weight_mlstm, weight_z = self.proj_up.weight.chunk(2)
-        bias_mlstm, bias_z = self.proj_up.bias.chunk(2) if self.proj_up.bias is not None else (None, None)
-        x_mlstm = F.linear(x, weight_mlstm, bias_mlstm)  # (B, S, inner)
-        z = F.linear(x, weight_z, bias_z)
+        x_mlstm, z = self._up(x)  # (B, S, inner) each
         x_conv = F.silu(self._conv(x_mlstm))
         h = self.cell(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
-        h = torch.addcmul(h, self.skip.to(h.dtype), x_conv) * F.silu(z)  # (B, S, inner), in h's dtype
-        out = self.proj_down(h)
+        out = self._out(h, x_conv, z)
         return out.flip(1) if self.reverse else out
 
 

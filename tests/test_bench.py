@@ -9,10 +9,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+from mlstm import ViLBlock
 
 
 def test_vit_flops_formula_matches_torch_flop_counter():
@@ -29,17 +31,38 @@ def test_yardstick_has_the_preset_width_and_half_its_blocks():
         assert arch["dim"] == 192 and arch["depth"] == blocks // 2 and arch["patch_size"] == 4
 
 
-def test_block_table_times_a_vil_pair_a_vit_block_and_the_projections(capsys):
+def test_block_table_times_a_vil_pair_a_vit_block_a_layer_and_its_pieces(capsys):
     args = argparse.Namespace(model=["vil-1m"], dtype="fp32", batch_size=2, steps=2, warmup=1)
     bench.block_table(args, torch.device("cpu"))
     rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| vil-1m |")]
-    assert [row[1] for row in rows] == ["ViL block pair", "ViT block", "ViL pair: projections only"]
+    pieces = ["up-projection", "conv + SiLU", "q/k/v and gates", "mLSTM cell (recurrence + norm)",
+              "output gate + down-projection"]
+    assert [row[1] for row in rows] == ["ViL block pair", "ViT block", "ViL layer"] + [f"ViL layer: {piece}"
+                                                                                   for piece in pieces]
     medians = [float(row[2].split()[0]) for row in rows]
     for row, median in zip(rows, medians):  # each ratio is its median over the ViT block's
         assert float(row[3]) == pytest.approx(median / medians[1], abs=0.01 + 0.05 * median / medians[1])
-    # the projections are part of the pair's work
-    assert medians[2] < medians[0]
+    # a layer is half the pair's work, each piece a part of the layer's
+    assert medians[2] < medians[0] and all(median < medians[2] for median in medians[3:])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_layer_pieces_chained_are_the_layer(dtype):
+    # the pieces block_table times, fed each other's outputs, compute ViLLayer.forward; on their own
+    # inputs they see the dtypes of the layer's activations under that autocast
+    torch.manual_seed(0)
+    layer = ViLBlock(32, "top_left", (2, 3)).layer
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad(), bench.autocast(torch.device("cpu"), dtype):
+        x_mlstm, z = layer._up(x)
+        x_conv = F.silu(layer._conv(x_mlstm))
+        assert torch.equal(layer._out(layer.cell(*layer._qkv_and_gates(x_conv, x_mlstm)), x_conv, z), layer(x))
+        outputs = {name: piece() for name, piece in bench.layer_pieces(layer, 2, dtype, torch.device("cpu")).items()}
+    q, k, v, igate, fgate = outputs.pop("q/k/v and gates")
+    assert igate.dtype == fgate.dtype == torch.float32  # the gate pre-activations, as the cell takes them
+    activations = [q, k, v] + [out for outs in outputs.values() for out in outs]
+    assert all(out.dtype == (dtype or torch.float32) for out in activations)
 
 
 def test_timed_in_turns_alternates_the_functions_and_times_each_call_alone(monkeypatch):
