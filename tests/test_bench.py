@@ -43,8 +43,8 @@ def test_block_table_times_a_vil_pair_a_vit_block_a_layer_and_its_pieces(capsys)
     medians = [float(row[2].split()[0]) for row in rows]
     for row, median in zip(rows, medians):  # each ratio is its median over the ViT block's
         assert float(row[3]) == pytest.approx(median / medians[1], abs=0.01 + 0.05 * median / medians[1])
-    # a layer is half the pair's work, each piece a part of the layer's
-    assert medians[2] < medians[0] and all(median < medians[2] for median in medians[3:])
+    # that the pieces make up the layer is test_layer_pieces_chained_are_the_layer's (timings are compared
+    # in bench.py's output, not here: a test run beside other work would make such an assertion flaky)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
