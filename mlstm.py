@@ -9,9 +9,10 @@ ViLLayer.forward is the fast path the model runs; reference_vil_layer, beside it
 written out plainly (part 4 with dense matrices, the gates from [q, k, v], recurrent_mlstm), and the
 tests hold the one to the other, forward and every parameter gradient.
 Two autograd Functions carry the speed work of the training path, each with its gradient written
-out and tested against autograd on the plain formulation: ParallelMLSTM (the parallel form, four
-passes over the S x S matrices in the backward instead of about twenty) and GroupsToHeads (the
-grouped q/k/v matmul output unpacked into heads in one copy each way).
+out and tested against autograd on the plain formulation: ParallelMLSTM (the parallel form: the
+decay matrix as an outer product where a row's gates allow it, from segment sums for any gates;
+two or four passes over the S x S matrices in the backward instead of about twenty) and
+GroupsToHeads (the grouped q/k/v matmul output unpacked into heads in one copy each way).
 
 Shapes: B batch, NH heads, S tokens, DH head width. Every form takes
 q, k, v: (B, NH, S, DH) and the gate pre-activations igate, fgate: (B, NH, S), and returns
@@ -31,8 +32,13 @@ C (DH x DH) and n are held scaled by exp(-m_t), so every exp() stays finite for 
     m_t = max_s log D[t, s]            C~ = (Q K^T / sqrt(DH)) * exp(log D - m)
     n_t = max(|sum_s C~[t, s]|, exp(-m_t))                 H = C~ V / (n + eps)
 log D is a masked segment sum of the gates, not the difference of two running sums (which
-cancels in float32). The chunkwise form runs this inside chunks of L tokens and carries
-(C, n, m) between chunks with the update of (1); with S <= L it is the parallel form.
+cancels in float32). Where a row's gates span a moderate range, the same matrix factors:
+with F_t = sum_{j<=t} logsigmoid(fgate_j) (running sums in float64) and u_s = igate_s - F_s,
+exp(log D[t, s] - m_t) = exp(c - max_{s'<=t} u_s') * exp(u_s - c) for s <= t, an outer product of
+two vectors that stay finite for a suitable c; then C~ = tril((Q a)(K b)^T / sqrt(DH)) needs no
+S x S exp (ParallelMLSTM picks one of the two per row). The chunkwise form runs the
+parallel form inside chunks of L tokens and carries (C, n, m) between chunks with the update of
+(1); with S <= L it is the parallel form.
 
 (3) The cell (MLSTMCell). Two linear maps from [q, k, v] (width 3 inner) to NH outputs give the
 gates, igate = W_i [q, k, v] + b_i and fgate = W_f [q, k, v] + b_f; after the recurrence, each head
@@ -83,6 +89,28 @@ def _normalise(numerator, dot, m, eps):
     # the (..., S, 1) factor in the numerator's dtype, so that a bf16 numerator gives a bf16 h
     # without a float32 copy of the whole output
     return numerator * (u / denominator).to(numerator.dtype)
+
+
+def _normalise_backward(grad_h, numerator, dot, m, eps, matmul_dtype):
+    """The gradient of _normalise(numerator, dot, m, eps) -> (grad_numerator in matmul_dtype, grad_dot,
+    grad_m in m's dtype).
+
+    h = numerator * u / den, den = max(|dot| u, lower) + eps u, u = exp(min(m, 0)), lower = exp(-max(m, 0)).
+    The (..., S, DH) products in h's dtype, bf16 under autocast (float32 copies of grad_h and of the
+    numerator cost more than the products); their row sums and the (..., S, 1) factors in m's dtype.
+    matmul_dtype: v's, for the matmuls that follow (h's dtype differs where float32 inputs met autocast).
+    """
+    u, lower = torch.exp(-torch.relu(-m)), torch.exp(-torch.relu(m))  # (..., S, 1)
+    on_dot = dot.abs() * u >= lower  # which side of the max is taken
+    den = torch.where(on_dot, dot.abs() * u, lower) + eps * u
+    ratio = u / den
+    grad_numerator = (grad_h * ratio.to(grad_h.dtype)).to(matmul_dtype)  # (..., S, DH)
+    grad_ratio = (grad_h * numerator).sum(-1, keepdim=True, dtype=m.dtype)  # (..., S, 1)
+    grad_den = -grad_ratio * ratio / den
+    grad_u = grad_ratio / den + grad_den * (torch.where(on_dot, dot.abs(), 0.0) + eps)
+    grad_dot = torch.where(on_dot, grad_den * u * dot.sign(), 0.0)
+    grad_m = grad_u * u * (m < 0) - torch.where(on_dot, 0.0, grad_den) * lower * (m > 0)
+    return grad_numerator, grad_dot, grad_m
 
 
 def _log_decay_matrix(log_forget, igate):
@@ -156,13 +184,101 @@ def _chunk(q, k, v, igate, log_forget, state, eps, need_state):
     return h, (new_c, new_n, new_m)
 
 
-class ParallelMLSTM(torch.autograd.Function):
-    """The parallel form with its gradient written out (what parallel_mlstm runs).
+# the largest spread max_s u_s - u_0 (see _factored_forward) for which a row's decay matrix is factored: a_t and
+# b_s then lie in [e^-30, e^30] wherever their product matters (above e^-57), far inside float32 and bf16
+FACTORED_SPREAD = 60.0
 
-    apply(q, k, v: (..., S, DH), igate, log_forget: (..., S) in the gate dtype, eps) -> h (..., S, DH).
-    Autograd through _chunk keeps about ten S x S intermediates and runs about twenty passes
-    over them; this backward needs the scores C and the decay matrix from the forward and makes
-    four passes, besides the four matmuls. With L = log D, m_t = max_s L[t, s], the decay
+
+def _segment_forward(q, k, v, igate, log_forget, eps):
+    """The parallel form from the segment sums of the gates (any gate values) -> (h, saved for _segment_backward).
+
+    q, k, v: (..., S, DH); igate, log_forget: (..., S) in the gate dtype.
+    """
+    log_d = _log_decay_matrix(log_forget, igate)  # (..., S, S)
+    m, argmax = log_d.max(-1, keepdim=True)  # (..., S, 1)
+    decay, c, numerator, dot = _decayed_scores(q, k, v, log_d, m, overwrite=True)  # (..., S, S) in the gate dtype
+    return _normalise(numerator, dot, m, eps), (q, k, v, c, decay, numerator, dot, m, argmax)
+
+
+def _segment_backward(saved, grad_h, eps):
+    """The gradient of _segment_forward -> (grad q, k, v, igate, log_forget); ParallelMLSTM's docstring
+    derives it."""
+    q, k, v, c, decay, numerator, dot, m, argmax = saved
+    dtype = c.dtype
+    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, dot, m, eps, v.dtype)
+    grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
+    grad_c = (grad_numerator @ v.transpose(-1, -2)).to(dtype).add_(grad_dot)  # (..., S, S)
+    grad_log_d = grad_c * c  # through exp(L - m); zero above the diagonal
+    grad_scores = grad_c.mul_(decay).to(q.dtype)  # in place of dC
+    grad_q = grad_scores @ k
+    grad_k = grad_scores.transpose(-1, -2) @ q
+    grad_m = grad_m - grad_log_d.sum(-1, keepdim=True)  # the -m in exp(L - m)
+    # sums of dL = grad_log_d + grad_m at each row's argmax, over rows and over columns
+    row_sums = (grad_log_d.sum(-1, keepdim=True) + grad_m).squeeze(-1)  # (..., S)
+    col_sums = grad_log_d.sum(-2).scatter_add_(-1, argmax.squeeze(-1), grad_m.squeeze(-1))  # (..., S)
+    difference = col_sums - row_sums
+    grad_log_forget = difference.cumsum(-1) - difference  # sum over s < j
+    return grad_q, grad_k, grad_v, col_sums, grad_log_forget
+
+
+def _factored_forward(q, k, v, igate, log_forget, eps):
+    """The parallel form with the decay matrix as an outer product -> (h, saved for _factored_backward).
+    Exact for rows whose spread max_s u_s - u_0 is at most FACTORED_SPREAD; finite, and to be
+    replaced, on the others. ParallelMLSTM's docstring derives it."""
+    gate_dtype = igate.dtype
+    running = log_forget.double().cumsum(-1)  # F
+    u = igate.double() - running
+    running_max, argmax = torch.cummax(u, -1)  # r_t = max_{s<=t} u_s, (..., S)
+    m = (running + running_max).to(gate_dtype).unsqueeze(-1)  # (..., S, 1)
+    centre = u[..., :1] + FACTORED_SPREAD / 2
+    a = torch.exp(centre - running_max).to(gate_dtype).unsqueeze(-1)  # (..., S, 1), at most e^30 as r_t >= u_0
+    # b with the keys' 1/sqrt(DH), capped at e^30 where a row's spread is too large for this form
+    b = torch.exp((u - centre).clamp(max=FACTORED_SPREAD / 2) - 0.5 * math.log(q.shape[-1]))
+    b = b.to(gate_dtype).unsqueeze(-1)
+    qa, kb = q * a.to(q.dtype), k * b.to(k.dtype)  # (..., S, DH)
+    c = (qa @ kb.transpose(-1, -2)).tril_()  # (..., S, S), in q's dtype (bf16 under autocast)
+    numerator = c.to(v.dtype) @ v
+    dot = c.sum(-1, keepdim=True, dtype=gate_dtype)
+    return _normalise(numerator, dot, m, eps), (v, qa, kb, c, numerator, dot, m, argmax, a, b)
+
+
+def _factored_backward(saved, grad_h, eps):
+    """The gradient of _factored_forward -> (grad q, k, v, igate, log_forget)."""
+    v, qa, kb, c, numerator, dot, m, argmax, a, b = saved
+    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, dot, m, eps, v.dtype)
+    grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
+    grad_c = (grad_numerator @ v.transpose(-1, -2)).add_(grad_dot.to(v.dtype)).tril_().to(qa.dtype)  # (..., S, S)
+    grad_qa, grad_kb = grad_c @ kb, grad_c.transpose(-1, -2) @ qa  # (..., S, DH)
+    grad_q, grad_k = grad_qa * a.to(qa.dtype), grad_kb * b.to(kb.dtype)
+    # d log a_t = sum_d d qa * qa = sum_s dC * C over the row, d log b_s over the column: summed from the S x S
+    # product (in float32), which is faster and rounds less than the (S, DH) products from the bf16-rounded
+    # d qa and d kb (those put 1.7-3.9% into the forget-gate gradient of the bf16 test, this 0.6-0.8%)
+    grad_scores = grad_c * c
+    grad_log_a, grad_log_b = grad_scores.sum(-1, dtype=m.dtype), grad_scores.sum(-2, dtype=m.dtype)  # (..., S)
+    grad_m = grad_m.squeeze(-1)
+    grad_running_max = grad_m - grad_log_a  # r enters through m = F + r and a = exp(c - r)
+    grad_u = grad_log_b.scatter_add(-1, argmax, grad_running_max)
+    grad_running = grad_m - grad_u  # F enters through m = F + r and u = igate - F
+    grad_log_forget = grad_running.flip(-1).cumsum(-1).flip(-1)  # F_t sums log_forget_j for j <= t
+    return grad_q, grad_k, grad_v, grad_u, grad_log_forget
+
+
+def _rows(tensor, index, trailing):
+    """The rows `index` of tensor (..., *trailing dims) flattened to (rows, *trailing dims)."""
+    return tensor.reshape(-1, *tensor.shape[tensor.dim() - trailing:]).index_select(0, index)
+
+
+class ParallelMLSTM(torch.autograd.Function):
+    """The parallel form with its gradient written out (what parallel_mlstm runs), in two computations
+    chosen per row (batch and head): the decay matrix factored as an outer product where the row's
+    gates allow it, from segment sums elsewhere.
+
+    apply(q, k, v: (..., S, DH), igate, log_forget: (..., S) in the gate dtype, eps, factor) -> h (..., S, DH);
+    factor=False: the segment sums on every row.
+
+    Segment sums (any gate values). Autograd through _chunk keeps about ten S x S intermediates and
+    runs about twenty passes over them; this backward needs the scores C and the decay matrix from the
+    forward and makes four passes, besides the four matmuls. With L = log D, m_t = max_s L[t, s], the decay
     D' = exp(L - m) / sqrt(DH), C = (q k^T) * D', dot = sum_s C[:, s] and h = (C v) * u / den(dot, m)
     (see _normalise):
         dC = (dh * u/den) v^T + d dot,   dv = C^T (dh * u/den),   dq = (dC * D') k,   dk = (dC * D')^T q
@@ -173,51 +289,60 @@ class ParallelMLSTM(torch.autograd.Function):
     rows t < j, which lie in the same columns since dL is lower-triangular). Where a row's maximum is
     tied (forget gates of exactly 1), h has no derivative in m; dm goes to the first maximum (autograd
     through amax splits it evenly), a different subgradient with the same sum over the tokens.
-    First derivatives only: a backward through its gradient raises.
+
+    Factored (rows whose spread max_s u_s - u_0 is at most FACTORED_SPREAD; no S x S exp or segment sum).
+    With the running sums F_t = sum_{j<=t} log_forget_j (the b_t of the design's parallel form),
+    u_s = igate_s - F_s and r_t = max_{s<=t} u_s, log D[t, s] = F_t + u_s and m_t = F_t + r_t, so for s <= t
+        exp(log D[t, s] - m_t) = exp(u_s - r_t) = a_t b_s,    a_t = exp(c - r_t),  b_s = exp(u_s - c)
+    for any constant c per row; c = u_0 + FACTORED_SPREAD / 2 keeps both factors within e^+-30. Then
+    C = tril((q a) (k b / sqrt(DH))^T): one matmul of scaled inputs, one mask. F, u and r are (..., S)
+    sums in float64 (the running-sum difference that loses precision in float32 at long S is then exact
+    to float64), and a, b are rounded once to the gate dtype. With qa = q a and kb = k b / sqrt(DH):
+        dC = tril(dh' v^T + d dot),   dv = C^T dh',   d qa = dC kb,   d kb = dC^T qa
+        dq = d qa * a,   dk = d kb * b / sqrt(DH),   d log a_t = sum_s (dC * C)[t, s],   d log b_s = sum_t (dC * C)[t, s]
+    and through log a_t = c - r_t, log b_s = u_s - c (c cancels in every product), m_t = F_t + r_t,
+    r_t = u at the argmax of the running maximum, u = igate - F and F = cumsum(log_forget). Where the
+    running maximum is tied, dm goes to the last maximum, again a subgradient with the same sum.
+
+    Rows of both kinds: the factored computation runs on every row, the segment sums on the others,
+    whose results overwrite those rows of h and of each gradient. First derivatives only: a backward
+    through its gradient raises.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, log_forget, eps):
-        log_d = _log_decay_matrix(log_forget, igate)  # (..., S, S)
-        m, argmax = log_d.max(-1, keepdim=True)  # (..., S, 1)
-        decay, c, numerator, dot = _decayed_scores(q, k, v, log_d, m, overwrite=True)  # (..., S, S) in the gate dtype
-        ctx.save_for_backward(q, k, v, c, decay, numerator, dot, m, argmax)
-        ctx.eps = eps
-        return _normalise(numerator, dot, m, eps)
+    def forward(ctx, q, k, v, igate, log_forget, eps, factor):
+        segment_rows = None  # all rows
+        if factor:
+            u = igate.double() - log_forget.double().cumsum(-1)
+            segment_rows = (u.amax(-1) - u[..., 0] > FACTORED_SPREAD).flatten().nonzero().squeeze(1)
+            factor = len(segment_rows) < igate.shape[:-1].numel()
+        if not factor:
+            h, saved = _segment_forward(q, k, v, igate, log_forget, eps)
+            ctx.save_for_backward(*saved)
+        else:
+            h, saved = _factored_forward(q, k, v, igate, log_forget, eps)
+            segment_saved = ()
+            if len(segment_rows):
+                inputs = [_rows(x, segment_rows, x.dim() - igate.dim() + 1) for x in (q, k, v, igate, log_forget)]
+                segment_h, segment_saved = _segment_forward(*inputs, eps)
+                h.view(-1, *h.shape[-2:]).index_copy_(0, segment_rows, segment_h)
+            ctx.save_for_backward(*saved, *segment_saved, segment_rows)
+        ctx.eps, ctx.factor = eps, factor
+        return h
 
     @staticmethod
     @once_differentiable  # built from saved forward values: a second derivative through it would be wrong
     def backward(ctx, grad_h):
-        q, k, v, c, decay, numerator, dot, m, argmax = ctx.saved_tensors
-        eps, dtype = ctx.eps, c.dtype
-        # _normalise: h = numerator * u / den, den = max(|dot| u, lower) + eps u,
-        # u = exp(min(m, 0)), lower = exp(-max(m, 0))
-        u, lower = torch.exp(-torch.relu(-m)), torch.exp(-torch.relu(m))  # (..., S, 1)
-        on_dot = dot.abs() * u >= lower  # which side of the max is taken
-        den = torch.where(on_dot, dot.abs() * u, lower) + eps * u
-        ratio = u / den
-        # the (..., S, DH) products in h's dtype, bf16 under autocast (float32 copies of grad_h and of the
-        # numerator cost more than the products); their row sums and the (..., S, 1) factors in the gate
-        # dtype; grad_numerator in v's dtype for the matmuls (h's dtype differs where float32 inputs met autocast)
-        grad_numerator = (grad_h * ratio.to(grad_h.dtype)).to(v.dtype)  # (..., S, DH)
-        grad_ratio = (grad_h * numerator).sum(-1, keepdim=True, dtype=dtype)  # (..., S, 1)
-        grad_den = -grad_ratio * ratio / den
-        grad_u = grad_ratio / den + grad_den * (torch.where(on_dot, dot.abs(), 0.0) + eps)
-        grad_dot = torch.where(on_dot, grad_den * u * dot.sign(), 0.0)
-        grad_m = grad_u * u * (m < 0) - torch.where(on_dot, 0.0, grad_den) * lower * (m > 0)
-        grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
-        grad_c = (grad_numerator @ v.transpose(-1, -2)).to(dtype).add_(grad_dot)  # (..., S, S)
-        grad_log_d = grad_c * c  # through exp(L - m); zero above the diagonal
-        grad_scores = grad_c.mul_(decay).to(q.dtype)  # in place of dC
-        grad_q = grad_scores @ k
-        grad_k = grad_scores.transpose(-1, -2) @ q
-        grad_m = grad_m - grad_log_d.sum(-1, keepdim=True)  # the -m in exp(L - m)
-        # sums of dL = grad_log_d + grad_m at each row's argmax, over rows and over columns
-        row_sums = (grad_log_d.sum(-1, keepdim=True) + grad_m).squeeze(-1)  # (..., S)
-        col_sums = grad_log_d.sum(-2).scatter_add_(-1, argmax.squeeze(-1), grad_m.squeeze(-1))  # (..., S)
-        difference = col_sums - row_sums
-        grad_log_forget = difference.cumsum(-1) - difference  # sum over s < j
-        return grad_q, grad_k, grad_v, col_sums, grad_log_forget, None
+        saved = ctx.saved_tensors
+        if not ctx.factor:
+            return (*_segment_backward(saved, grad_h, ctx.eps), None, None)
+        segment_rows = saved[-1]
+        grads = _factored_backward(saved[:10], grad_h, ctx.eps)
+        if len(segment_rows):
+            segment_grads = _segment_backward(saved[10:-1], _rows(grad_h, segment_rows, 2), ctx.eps)
+            for grad, segment_grad in zip(grads, segment_grads):
+                grad.view(-1, *segment_grad.shape[1:]).index_copy_(0, segment_rows, segment_grad)
+        return (*grads, None, None)
 
 
 def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
@@ -225,10 +350,15 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     O(S^2) memory per head.
 
     q, k, v: (B, NH, S, DH); igate, fgate: gate pre-activations (B, NH, S). Returns h (B, NH, S, DH).
+    ParallelMLSTM factors the decay matrix on the rows whose gates allow it; in trained models a few
+    heads forget within a few tokens and take the segment sums. Under torch.compile every row takes
+    the segment sums: a compiled graph would break at a choice that depends on the gate values, and the
+    compiler fuses their elementwise passes itself.
     """
     gate_dtype = _gate_dtype(q)
     log_forget = F.logsigmoid(fgate.to(gate_dtype))
-    return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), log_forget, eps).to(q.dtype)
+    factor = not torch.compiler.is_compiling()
+    return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), log_forget, eps, factor).to(q.dtype)
 
 
 def chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=64, eps=1e-6):
@@ -240,6 +370,8 @@ def chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=64, eps=1e-6):
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if q.shape[-2] <= chunk_size:  # one chunk: the parallel form
+        return parallel_mlstm(q, k, v, igate, fgate, eps)
     gate_dtype = _gate_dtype(q)
     log_forget = F.logsigmoid(fgate.to(gate_dtype))
     igate = igate.to(gate_dtype)

@@ -4,11 +4,13 @@ extreme gates, have correct gradients, and the chunkwise form needs memory linea
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import mlstm
 from helpers import (FORMS, GRADIENT_REGIMES, assert_parallel_gradient_equals_the_naive_loop_gradient, make_inputs,
                      naive_mlstm, normwise_relative_error)
-from mlstm import chunkwise_mlstm, parallel_mlstm
+from mlstm import FACTORED_SPREAD, ParallelMLSTM, chunkwise_mlstm, parallel_mlstm
 
 
 def relative_error(actual, expected):
@@ -84,8 +86,25 @@ def test_bf16_inputs_agree_with_float64():
         assert relative_error(out, expected) <= 5e-2, name
 
 
+def spreads(igate, fgate):
+    """max_s u_s - u_0 per row, u = igate - cumsum(logsigmoid(fgate)): what parallel_mlstm compares with
+    FACTORED_SPREAD."""
+    u = igate.double() - F.logsigmoid(fgate.double()).cumsum(-1)
+    return u.amax(-1) - u[..., 0]
+
+
+def apply_form(factor, q, k, v, igate, fgate):
+    """ParallelMLSTM on gate pre-activations, as parallel_mlstm calls it; factor=False: the segment sums on
+    every row, True: the factored computation on the rows within FACTORED_SPREAD."""
+    return ParallelMLSTM.apply(q, k, v, igate, F.logsigmoid(fgate), 1e-6, factor)
+
+
+PARALLEL_FUNCTIONS = {"factored": True, "segment-sums": False}
+
+
+@pytest.mark.parametrize("function", PARALLEL_FUNCTIONS)
 @pytest.mark.parametrize("regime", ["gates-1", "lower-bound-m-negative", "lower-bound-m-positive"])
-def test_bf16_parallel_gradient_agrees_with_float64(regime):
+def test_bf16_parallel_gradient_agrees_with_float64(regime, function):
     # what autocast hands the cell: q, k, v in bf16, the gates in float32. The backward keeps the
     # (S, DH) products in bf16 and the sums and gate arithmetic in float32; every gradient must stay
     # within bf16 rounding (about 0.4% per value, here 0.3-0.8% norm-wise) of the float64 loop's at the
@@ -95,8 +114,9 @@ def test_bf16_parallel_gradient_agrees_with_float64(regime):
     leaves = [(q * query_scale).bfloat16(), k.bfloat16(), v.bfloat16(), (igate + igate_offset).float(), fgate.float()]
     leaves = [x.requires_grad_() for x in leaves]
     naive_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    assert (spreads(igate, fgate) <= FACTORED_SPREAD).all()  # so that both Functions may take these rows
     cotangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    (parallel_mlstm(*leaves).double() * cotangent).sum().backward()
+    (apply_form(PARALLEL_FUNCTIONS[function], *leaves).double() * cotangent).sum().backward()
     (naive_mlstm(*naive_leaves) * cotangent).sum().backward()
     for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
         assert leaf.grad.dtype == leaf.dtype, name
@@ -115,6 +135,91 @@ def test_gradcheck_float64(form, gate_scale):
 @pytest.mark.parametrize("regime", GRADIENT_REGIMES)
 def test_parallel_gradient_equals_the_naive_loop_gradient(regime):
     assert_parallel_gradient_equals_the_naive_loop_gradient(regime, "cpu")
+
+
+def rows_of_two_kinds(seq_len, dtype):
+    """Inputs of 2 x 2 rows: rows (0, 0) and (1, 1) with gates that forget within a few tokens (spread above
+    FACTORED_SPREAD), the other two with moderate gates."""
+    q, k, v, igate, fgate = make_inputs(seq_len, 1.0, torch.float64, seed=11)
+    fgate[0, 0] -= 6.0
+    fgate[1, 1] -= 6.0
+    assert (spreads(igate, fgate) > FACTORED_SPREAD).tolist() == [[True, False], [False, True]]
+    return [x.to(dtype) for x in (q, k, v, igate, fgate)]
+
+
+@pytest.mark.parametrize("function", PARALLEL_FUNCTIONS)
+def test_each_parallel_function_equals_the_naive_loop_in_float64(function):
+    # the factored one only on rows within its spread; the segment sums on all (FORMS covers extreme gates)
+    q, k, v, igate, fgate = make_inputs(40, 1.0, torch.float64, seed=12)
+    fgate[0, 1] -= 6.0  # one row spread far beyond FACTORED_SPREAD: only the segment sums take it
+    for rows in ([0], [1]) if function == "factored" else ([0, 1],):
+        inputs = [x[rows].clone() for x in (q, k, v, igate, fgate)]
+        within = (spreads(*inputs[3:]) <= FACTORED_SPREAD).all()
+        if function == "factored" and not within:
+            inputs[4][:, 1] += 6.0
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        naive_leaves = [x.clone().requires_grad_() for x in inputs]
+        cotangent = torch.randn(inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+        h = apply_form(PARALLEL_FUNCTIONS[function], *leaves)
+        expected = naive_mlstm(*naive_leaves)
+        assert relative_error(h, expected) <= 1e-10
+        (h * cotangent).sum().backward()
+        (expected * cotangent).sum().backward()
+        for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
+            assert (leaf.grad - naive.grad).norm() <= 1e-9 * naive.grad.norm(), name
+
+
+def test_factored_form_keeps_float32_accuracy_at_its_largest_spread():
+    # its factors reach e^+-30 at the bound: the result must still match the float64 loop as the
+    # segment sums do (1e-4 norm-wise, as test_forms_match_naive_loop_in_float32)
+    q, k, v, igate, fgate = make_inputs(64, 1.0, torch.float32, seed=14)
+    # u = igate - cumsum(logsigmoid(fgate)) rising with noise, stretched to a spread just under the bound
+    u = torch.linspace(0.0, 1.0, 64, dtype=torch.float64) + 0.05 * igate.double()
+    u = (u - u[..., :1]) * (FACTORED_SPREAD - 0.01) / (u.amax(-1, keepdim=True) - u[..., :1])
+    igate = (u + F.logsigmoid(fgate.double()).cumsum(-1)).float()
+    assert (spreads(igate, fgate) - FACTORED_SPREAD).abs().max() < 0.02
+    expected = naive_mlstm(q, k, v, igate, fgate)
+    assert normwise_relative_error(apply_form(True, q, k, v, igate, fgate), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_parallel_form_gives_the_segment_sums_only_the_rows_beyond_the_spread(dtype, monkeypatch):
+    # rows of both kinds in one batch: the segment sums get the two rows beyond FACTORED_SPREAD, and the
+    # output and the gradients are the naive loop's on every row
+    rows_seen = {}
+    for name, computation in (("factored", "_factored_forward"), ("segment-sums", "_segment_forward")):
+        def counting(*args, original=getattr(mlstm, computation), name=name):
+            rows_seen[name] = args[0].shape[:-2].numel()
+            return original(*args)
+        monkeypatch.setattr(mlstm, computation, counting)
+    inputs = rows_of_two_kinds(30, dtype)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    naive_leaves = [x.clone().double().requires_grad_() for x in inputs]
+    h = parallel_mlstm(*leaves)
+    assert rows_seen == {"factored": 4, "segment-sums": 2}  # the factored one on all rows, then replaced
+    expected = naive_mlstm(*naive_leaves)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    assert normwise_relative_error(h, expected) <= tolerance
+    cotangent = torch.randn(h.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    (h.double() * cotangent).sum().backward()
+    (expected * cotangent).sum().backward()
+    for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
+        assert normwise_relative_error(leaf.grad, naive.grad) <= 100 * tolerance, name
+
+
+def test_factored_form_under_autocast_takes_float32_inputs():
+    # float32 q, k, v met by bf16 autocast: the matmuls run in bf16, the output and the gradients keep
+    # their inputs' dtypes and stay close to the float64 loop
+    q, k, v, igate, fgate = make_inputs(24, 1.0, torch.float32, seed=16)
+    assert (spreads(igate, fgate) <= FACTORED_SPREAD).all()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, igate, fgate)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = parallel_mlstm(*leaves)
+    assert h.dtype == torch.float32
+    assert normwise_relative_error(h, naive_mlstm(q, k, v, igate, fgate)) <= 3e-2
+    h.sum().backward()
+    for leaf in leaves:
+        assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
 
 
 def test_parallel_form_refuses_a_second_derivative():
