@@ -231,9 +231,11 @@ def _factored_forward(q, k, v, igate, log_forget, eps):
     running_max, argmax = torch.cummax(u, -1)  # r_t = max_{s<=t} u_s, (..., S)
     m = (running + running_max).to(gate_dtype).unsqueeze(-1)  # (..., S, 1)
     centre = u[..., :1] + FACTORED_SPREAD / 2
-    a = torch.exp(centre - running_max).to(gate_dtype).unsqueeze(-1)  # (..., S, 1), at most e^30 as r_t >= u_0
-    # b with the keys' 1/sqrt(DH), capped at e^30 where a row's spread is too large for this form
-    b = torch.exp((u - centre).clamp(max=FACTORED_SPREAD / 2) - 0.5 * math.log(q.shape[-1]))
+    # both factors kept within [e^-80, e^30]: no overflow on rows beyond the spread (their results are replaced)
+    # and no subnormal numbers (slow on some CPUs); within the spread a_t >= e^-30 and b_s <= e^30 anyway, and
+    # the lower bound on b_s only changes entries below e^-50 of the row's largest, which is 1
+    a = torch.exp((centre - running_max).clamp(min=-80.0)).to(gate_dtype).unsqueeze(-1)  # (..., S, 1)
+    b = torch.exp((u - centre).clamp(-80.0, FACTORED_SPREAD / 2) - 0.5 * math.log(q.shape[-1]))  # with 1/sqrt(DH)
     b = b.to(gate_dtype).unsqueeze(-1)
     qa, kb = q * a.to(q.dtype), k * b.to(k.dtype)  # (..., S, DH)
     c = (qa @ kb.transpose(-1, -2)).tril_()  # (..., S, S), in q's dtype (bf16 under autocast)
@@ -250,8 +252,8 @@ def _factored_backward(saved, grad_h, eps):
     grad_c = (grad_numerator @ v.transpose(-1, -2)).add_(grad_dot.to(v.dtype)).tril_().to(qa.dtype)  # (..., S, S)
     grad_qa, grad_kb = grad_c @ kb, grad_c.transpose(-1, -2) @ qa  # (..., S, DH)
     grad_q, grad_k = grad_qa * a.to(qa.dtype), grad_kb * b.to(kb.dtype)
-    # d log a_t = sum_d d qa * qa = sum_s dC * C over the row, d log b_s over the column: summed from the S x S
-    # product (in float32), which is faster and rounds less than the (S, DH) products from the bf16-rounded
+    # d log a_t = sum_d d qa * qa = sum_s dC * C over the row, d log b_s over the column: the S x S product
+    # summed in float32, which is faster and rounds less than the (S, DH) products from the bf16-rounded
     # d qa and d kb (those put 1.7-3.9% into the forget-gate gradient of the bf16 test, this 0.6-0.8%)
     grad_scores = grad_c * c
     grad_log_a, grad_log_b = grad_scores.sum(-1, dtype=m.dtype), grad_scores.sum(-2, dtype=m.dtype)  # (..., S)
@@ -291,7 +293,7 @@ class ParallelMLSTM(torch.autograd.Function):
     through amax splits it evenly), a different subgradient with the same sum over the tokens.
 
     Factored (rows whose spread max_s u_s - u_0 is at most FACTORED_SPREAD; no S x S exp or segment sum).
-    With the running sums F_t = sum_{j<=t} log_forget_j (the b_t of the design's parallel form),
+    With the running sums F_t = sum_{j<=t} log_forget_j,
     u_s = igate_s - F_s and r_t = max_{s<=t} u_s, log D[t, s] = F_t + u_s and m_t = F_t + r_t, so for s <= t
         exp(log D[t, s] - m_t) = exp(u_s - r_t) = a_t b_s,    a_t = exp(c - r_t),  b_s = exp(u_s - c)
     for any constant c per row; c = u_0 + FACTORED_SPREAD / 2 keeps both factors within e^+-30. Then
@@ -327,6 +329,7 @@ class ParallelMLSTM(torch.autograd.Function):
                 segment_h, segment_saved = _segment_forward(*inputs, eps)
                 h.view(-1, *h.shape[-2:]).index_copy_(0, segment_rows, segment_h)
             ctx.save_for_backward(*saved, *segment_saved, segment_rows)
+            ctx.factored_count = len(saved)
         ctx.eps, ctx.factor = eps, factor
         return h
 
@@ -336,10 +339,10 @@ class ParallelMLSTM(torch.autograd.Function):
         saved = ctx.saved_tensors
         if not ctx.factor:
             return (*_segment_backward(saved, grad_h, ctx.eps), None, None)
-        segment_rows = saved[-1]
-        grads = _factored_backward(saved[:10], grad_h, ctx.eps)
+        count, segment_rows = ctx.factored_count, saved[-1]
+        grads = _factored_backward(saved[:count], grad_h, ctx.eps)
         if len(segment_rows):
-            segment_grads = _segment_backward(saved[10:-1], _rows(grad_h, segment_rows, 2), ctx.eps)
+            segment_grads = _segment_backward(saved[count:-1], _rows(grad_h, segment_rows, 2), ctx.eps)
             for grad, segment_grad in zip(grads, segment_grads):
                 grad.view(-1, *segment_grad.shape[1:]).index_copy_(0, segment_rows, segment_grad)
         return (*grads, None, None)
