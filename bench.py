@@ -532,7 +532,8 @@ def block_table(args, device):
         vit_ms = 1000 * statistics.median(seconds["ViT block"])
         for name, times in seconds.items():
             median = 1000 * statistics.median(times)
-            print_row([preset, name, f"{median:.1f} ({1000 * min(times):.1f}-{1000 * max(times):.1f})",
+            # three figures: at a small batch a piece takes under a millisecond
+            print_row([preset, name, f"{figures(median)} ({figures(1000 * min(times))}-{figures(1000 * max(times))})",
                        f"{median / vit_ms:.2f}"])
     print()
 
