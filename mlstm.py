@@ -356,11 +356,14 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     ParallelMLSTM factors the decay matrix on the rows whose gates allow it; in trained models a few
     heads forget within a few tokens and take the segment sums. Under torch.compile every row takes
     the segment sums: a compiled graph would break at a choice that depends on the gate values, and the
-    compiler fuses their elementwise passes itself.
+    compiler fuses their elementwise passes itself. So does every row whose matmuls run in float16.
     """
     gate_dtype = _gate_dtype(q)
     log_forget = F.logsigmoid(fgate.to(gate_dtype))
-    factor = not torch.compiler.is_compiling()
+    # the factors reach e^30, beyond float16 (largest 65504): where the matmuls run in float16 (float16 inputs,
+    # or float16 autocast, which a 1 x 1 matmul reveals on any torch version) every row takes the segment sums
+    factor = (not torch.compiler.is_compiling()
+              and torch.matmul(q.new_ones(1, 1), k.new_ones(1, 1)).dtype != torch.float16)
     return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), log_forget, eps, factor).to(q.dtype)
 
 

@@ -222,6 +222,23 @@ def test_factored_form_under_autocast_takes_float32_inputs():
         assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
 
 
+@pytest.mark.parametrize("inputs", ["float16", "float32-in-float16-autocast"])
+def test_parallel_form_stays_finite_where_matmuls_run_in_float16(inputs):
+    # the factored computation's factors (up to e^30) would overflow float16; these gates are well within
+    # FACTORED_SPREAD, so only the choice of the segment sums keeps h and the gradients finite
+    q, k, v, igate, fgate = make_inputs(64, 1.0, torch.float32, seed=17, head_dim=32)
+    assert (spreads(igate, fgate) <= FACTORED_SPREAD).all()
+    if inputs == "float16":
+        q, k, v = q.half(), k.half(), v.half()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, igate, fgate)]
+    with torch.autocast("cpu", dtype=torch.float16, enabled=inputs != "float16"):
+        h = parallel_mlstm(*leaves)
+    assert normwise_relative_error(h, naive_mlstm(q, k, v, igate, fgate)) <= 1e-2
+    h.float().sum().backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+
+
 def test_parallel_form_refuses_a_second_derivative():
     # its backward is written from saved forward values; differentiating that backward would give wrong
     # second derivatives, so it must raise rather than answer
