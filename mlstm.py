@@ -38,7 +38,7 @@ exp(log D[t, s] - m_t) = exp(c - max_{s'<=t} u_s') * exp(u_s - c) for s <= t, an
 two vectors that stay finite for a suitable c; then C~ = tril((Q a)(K b)^T / sqrt(DH)) needs no
 S x S exp (ParallelMLSTM picks one of the two per row). The chunkwise form runs the
 parallel form inside chunks of L tokens and carries (C, n, m) between chunks with the update of
-(1); with S <= L it is the parallel form.
+(1); with S <= L it is the parallel form (its segment sums, differentiated by autograd).
 
 (3) The cell (MLSTMCell). Two linear maps from [q, k, v] (width 3 inner) to NH outputs give the
 gates, igate = W_i [q, k, v] + b_i and fgate = W_f [q, k, v] + b_f; after the recurrence, each head
@@ -184,8 +184,8 @@ def _chunk(q, k, v, igate, log_forget, state, eps, need_state):
     return h, (new_c, new_n, new_m)
 
 
-# the largest spread max_s u_s - u_0 (see _factored_forward) for which a row's decay matrix is factored: a_t and
-# b_s then lie in [e^-30, e^30] wherever their product matters (above e^-57), far inside float32 and bf16
+# the largest spread max_s u_s - u_0 (see _factored_forward) for which a row's decay matrix is factored: then
+# a_t lies in [e^-30, e^30] and b_s <= e^30, far inside float32 and bf16 (not float16)
 FACTORED_SPREAD = 60.0
 
 
@@ -296,7 +296,7 @@ class ParallelMLSTM(torch.autograd.Function):
     With the running sums F_t = sum_{j<=t} log_forget_j,
     u_s = igate_s - F_s and r_t = max_{s<=t} u_s, log D[t, s] = F_t + u_s and m_t = F_t + r_t, so for s <= t
         exp(log D[t, s] - m_t) = exp(u_s - r_t) = a_t b_s,    a_t = exp(c - r_t),  b_s = exp(u_s - c)
-    for any constant c per row; c = u_0 + FACTORED_SPREAD / 2 keeps both factors within e^+-30. Then
+    for any constant c per row; c = u_0 + FACTORED_SPREAD / 2 keeps a_t within e^+-30 and b_s below e^30. Then
     C = tril((q a) (k b / sqrt(DH))^T): one matmul of scaled inputs, one mask. F, u and r are (..., S)
     sums in float64 (the running-sum difference that loses precision in float32 at long S is then exact
     to float64), and a, b are rounded once to the gate dtype. With qa = q a and kb = k b / sqrt(DH):
@@ -327,7 +327,7 @@ class ParallelMLSTM(torch.autograd.Function):
             if len(segment_rows):
                 inputs = [_rows(x, segment_rows, x.dim() - igate.dim() + 1) for x in (q, k, v, igate, log_forget)]
                 segment_h, segment_saved = _segment_forward(*inputs, eps)
-                h.view(-1, *h.shape[-2:]).index_copy_(0, segment_rows, segment_h)
+                h.view(-1, *h.shape[-2:]).index_copy_(0, segment_rows, segment_h.to(h.dtype))
             ctx.save_for_backward(*saved, *segment_saved, segment_rows)
             ctx.factored_count = len(saved)
         ctx.eps, ctx.factor = eps, factor
@@ -344,7 +344,8 @@ class ParallelMLSTM(torch.autograd.Function):
         if len(segment_rows):
             segment_grads = _segment_backward(saved[count:-1], _rows(grad_h, segment_rows, 2), ctx.eps)
             for grad, segment_grad in zip(grads, segment_grads):
-                grad.view(-1, *segment_grad.shape[1:]).index_copy_(0, segment_rows, segment_grad)
+                # in the factored gradient's dtype: a backward run under autocast can leave the two apart
+                grad.view(-1, *segment_grad.shape[1:]).index_copy_(0, segment_rows, segment_grad.to(grad.dtype))
         return (*grads, None, None)
 
 
@@ -357,13 +358,15 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     heads forget within a few tokens and take the segment sums. Under torch.compile every row takes
     the segment sums: a compiled graph would break at a choice that depends on the gate values, and the
     compiler fuses their elementwise passes itself. So does every row whose matmuls run in float16.
+    The choice per row reads the gates on the host: on a GPU each call waits for the device there
+    (not measured: no GPU run has been made).
     """
     gate_dtype = _gate_dtype(q)
     log_forget = F.logsigmoid(fgate.to(gate_dtype))
-    # the factors reach e^30, beyond float16 (largest 65504): where the matmuls run in float16 (float16 inputs,
-    # or float16 autocast, which a 1 x 1 matmul reveals on any torch version) every row takes the segment sums
-    factor = (not torch.compiler.is_compiling()
-              and torch.matmul(q.new_ones(1, 1), k.new_ones(1, 1)).dtype != torch.float16)
+    # the factors reach e^30, beyond float16 (largest 65504): where q, k or their matmuls are float16 (float16
+    # autocast, which a 1 x 1 matmul reveals on any torch version) every row takes the segment sums
+    matmul_dtype = torch.matmul(q.new_ones(1, 1), k.new_ones(1, 1)).dtype
+    factor = not torch.compiler.is_compiling() and torch.float16 not in (q.dtype, k.dtype, matmul_dtype)
     return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), log_forget, eps, factor).to(q.dtype)
 
 
@@ -376,8 +379,6 @@ def chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=64, eps=1e-6):
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    if q.shape[-2] <= chunk_size:  # one chunk: the parallel form
-        return parallel_mlstm(q, k, v, igate, fgate, eps)
     gate_dtype = _gate_dtype(q)
     log_forget = F.logsigmoid(fgate.to(gate_dtype))
     igate = igate.to(gate_dtype)
