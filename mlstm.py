@@ -275,8 +275,8 @@ class ParallelMLSTM(torch.autograd.Function):
     chosen per row (batch and head): the decay matrix factored as an outer product where the row's
     gates allow it, from segment sums elsewhere.
 
-    apply(q, k, v: (..., S, DH), igate, log_forget: (..., S) in the gate dtype, eps, factor) -> h (..., S, DH);
-    factor=False: the segment sums on every row.
+    apply(q, k, v: (..., S, DH), igate, fgate: (..., S) pre-activations in the gate dtype, eps, factor)
+    -> h (..., S, DH); factor=False: the segment sums on every row. Below, log_forget = logsigmoid(fgate).
 
     Segment sums (any gate values). Autograd through _chunk keeps about ten S x S intermediates and
     runs about twenty passes over them; this backward needs the scores C and the decay matrix from the
@@ -312,7 +312,8 @@ class ParallelMLSTM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, log_forget, eps, factor):
+    def forward(ctx, q, k, v, igate, fgate, eps, factor):
+        log_forget = F.logsigmoid(fgate)  # inside the Function, so that no part of its gradient is left to autograd
         segment_rows = None  # all rows
         if factor:
             u = igate.double() - log_forget.double().cumsum(-1)
@@ -320,7 +321,7 @@ class ParallelMLSTM(torch.autograd.Function):
             factor = len(segment_rows) < igate.shape[:-1].numel()
         if not factor:
             h, saved = _segment_forward(q, k, v, igate, log_forget, eps)
-            ctx.save_for_backward(*saved)
+            ctx.save_for_backward(fgate, *saved)
         else:
             h, saved = _factored_forward(q, k, v, igate, log_forget, eps)
             segment_saved = ()
@@ -328,7 +329,7 @@ class ParallelMLSTM(torch.autograd.Function):
                 inputs = [_rows(x, segment_rows, x.dim() - igate.dim() + 1) for x in (q, k, v, igate, log_forget)]
                 segment_h, segment_saved = _segment_forward(*inputs, eps)
                 h.view(-1, *h.shape[-2:]).index_copy_(0, segment_rows, segment_h.to(h.dtype))
-            ctx.save_for_backward(*saved, *segment_saved, segment_rows)
+            ctx.save_for_backward(fgate, *saved, *segment_saved, segment_rows)
             ctx.factored_count = len(saved)
         ctx.eps, ctx.factor = eps, factor
         return h
@@ -336,17 +337,20 @@ class ParallelMLSTM(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # built from saved forward values: a second derivative through it would be wrong
     def backward(ctx, grad_h):
-        saved = ctx.saved_tensors
+        fgate, *saved = ctx.saved_tensors
         if not ctx.factor:
-            return (*_segment_backward(saved, grad_h, ctx.eps), None, None)
-        count, segment_rows = ctx.factored_count, saved[-1]
-        grads = _factored_backward(saved[:count], grad_h, ctx.eps)
-        if len(segment_rows):
-            segment_grads = _segment_backward(saved[count:-1], _rows(grad_h, segment_rows, 2), ctx.eps)
-            for grad, segment_grad in zip(grads, segment_grads):
-                # in the factored gradient's dtype: a backward run under autocast can leave the two apart
-                grad.view(-1, *segment_grad.shape[1:]).index_copy_(0, segment_rows, segment_grad.to(grad.dtype))
-        return (*grads, None, None)
+            grads = _segment_backward(saved, grad_h, ctx.eps)
+        else:
+            count, segment_rows = ctx.factored_count, saved[-1]
+            grads = _factored_backward(saved[:count], grad_h, ctx.eps)
+            if len(segment_rows):
+                segment_grads = _segment_backward(saved[count:-1], _rows(grad_h, segment_rows, 2), ctx.eps)
+                for grad, segment_grad in zip(grads, segment_grads):
+                    # in the factored gradient's dtype: a backward run under autocast can leave the two apart
+                    grad.view(-1, *segment_grad.shape[1:]).index_copy_(0, segment_rows, segment_grad.to(grad.dtype))
+        grad_q, grad_k, grad_v, grad_igate, grad_log_forget = grads
+        grad_fgate = grad_log_forget * torch.sigmoid(-fgate)  # d logsigmoid(x) / dx = sigmoid(-x)
+        return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None
 
 
 def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
@@ -362,12 +366,11 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     (not measured: no GPU run has been made).
     """
     gate_dtype = _gate_dtype(q)
-    log_forget = F.logsigmoid(fgate.to(gate_dtype))
     # the factors reach e^30, beyond float16 (largest 65504): where q, k or their matmuls are float16 (float16
     # autocast, which a 1 x 1 matmul reveals on any torch version) every row takes the segment sums
     matmul_dtype = torch.matmul(q.new_ones(1, 1), k.new_ones(1, 1)).dtype
     factor = not torch.compiler.is_compiling() and torch.float16 not in (q.dtype, k.dtype, matmul_dtype)
-    return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), log_forget, eps, factor).to(q.dtype)
+    return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), fgate.to(gate_dtype), eps, factor).to(q.dtype)
 
 
 def chunkwise_mlstm(q, k, v, igate, fgate, chunk_size=64, eps=1e-6):

@@ -98,7 +98,7 @@ def spreads(igate, fgate):
 def apply_form(factor, q, k, v, igate, fgate):
     """ParallelMLSTM on gate pre-activations, as parallel_mlstm calls it; factor=False: the segment sums on
     every row, True: the factored computation on the rows within FACTORED_SPREAD."""
-    return ParallelMLSTM.apply(q, k, v, igate, F.logsigmoid(fgate), 1e-6, factor)
+    return ParallelMLSTM.apply(q, k, v, igate, fgate, 1e-6, factor)
 
 
 PARALLEL_FUNCTIONS = {"factored": True, "segment-sums": False}
@@ -252,6 +252,17 @@ def test_parallel_form_stays_finite_where_matmuls_run_in_float16(inputs):
     h.float().sum().backward()
     for leaf in leaves:
         assert torch.isfinite(leaf.grad).all()
+
+
+def test_parallel_form_gives_no_second_derivative_in_the_forget_gates():
+    # with a constant output gradient the Function's backward returns plain tensors: differentiating the
+    # forget-gate gradient again must fail, not return the logsigmoid's share alone (as it did while the
+    # logsigmoid sat outside the Function)
+    q, k, v, igate, fgate = make_inputs(5, 1.0, torch.float64, seed=9, batch=1, heads=1, head_dim=3)
+    fgate.requires_grad_()
+    (grad_fgate,) = torch.autograd.grad(parallel_mlstm(q, k, v, igate, fgate).sum(), fgate, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(grad_fgate.sum(), fgate)
 
 
 def test_parallel_form_refuses_a_second_derivative():
