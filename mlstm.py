@@ -221,13 +221,13 @@ def _segment_backward(saved, grad_h, eps):
     return grad_q, grad_k, grad_v, col_sums, grad_log_forget
 
 
-def _factored_forward(q, k, v, igate, log_forget, eps):
+def _factored_forward(q, k, v, running, u, gate_dtype, eps):
     """The parallel form with the decay matrix as an outer product -> (h, saved for _factored_backward).
     Exact for rows whose spread max_s u_s - u_0 is at most FACTORED_SPREAD; finite, and to be
-    replaced, on the others. ParallelMLSTM's docstring derives it."""
-    gate_dtype = igate.dtype
-    running = log_forget.double().cumsum(-1)  # F
-    u = igate.double() - running
+    replaced, on the others. ParallelMLSTM's docstring derives it.
+
+    q, k, v: (..., S, DH); running = F = cumsum(log_forget) and u = igate - F: (..., S) in float64.
+    """
     running_max, argmax = torch.cummax(u, -1)  # r_t = max_{s<=t} u_s, (..., S)
     m = (running + running_max).to(gate_dtype).unsqueeze(-1)  # (..., S, 1)
     centre = u[..., :1] + FACTORED_SPREAD / 2
@@ -316,14 +316,15 @@ class ParallelMLSTM(torch.autograd.Function):
         log_forget = F.logsigmoid(fgate)  # inside the Function, so that no part of its gradient is left to autograd
         segment_rows = None  # all rows
         if factor:
-            u = igate.double() - log_forget.double().cumsum(-1)
+            running = log_forget.double().cumsum(-1)  # F
+            u = igate.double() - running
             segment_rows = (u.amax(-1) - u[..., 0] > FACTORED_SPREAD).flatten().nonzero().squeeze(1)
             factor = len(segment_rows) < igate.shape[:-1].numel()
         if not factor:
             h, saved = _segment_forward(q, k, v, igate, log_forget, eps)
             ctx.save_for_backward(fgate, *saved)
         else:
-            h, saved = _factored_forward(q, k, v, igate, log_forget, eps)
+            h, saved = _factored_forward(q, k, v, running, u, igate.dtype, eps)
             segment_saved = ()
             if len(segment_rows):
                 inputs = [_rows(x, segment_rows, x.dim() - igate.dim() + 1) for x in (q, k, v, igate, log_forget)]

@@ -101,12 +101,12 @@ def apply_form(factor, q, k, v, igate, fgate):
     return ParallelMLSTM.apply(q, k, v, igate, fgate, 1e-6, factor)
 
 
-PARALLEL_FUNCTIONS = {"factored": True, "segment-sums": False}
+COMPUTATIONS = {"factored": True, "segment-sums": False}  # the factor argument of each
 
 
-@pytest.mark.parametrize("function", PARALLEL_FUNCTIONS)
+@pytest.mark.parametrize("computation", COMPUTATIONS)
 @pytest.mark.parametrize("regime", ["gates-1", "lower-bound-m-negative", "lower-bound-m-positive"])
-def test_bf16_parallel_gradient_agrees_with_float64(regime, function):
+def test_bf16_parallel_gradient_agrees_with_float64(regime, computation):
     # what autocast hands the cell: q, k, v in bf16, the gates in float32. The backward keeps the
     # (S, DH) products in bf16 and the sums and gate arithmetic in float32; every gradient must stay
     # within bf16 rounding (about 0.4% per value, here 0.3-0.9% norm-wise) of the float64 loop's at the
@@ -116,9 +116,9 @@ def test_bf16_parallel_gradient_agrees_with_float64(regime, function):
     leaves = [(q * query_scale).bfloat16(), k.bfloat16(), v.bfloat16(), (igate + igate_offset).float(), fgate.float()]
     leaves = [x.requires_grad_() for x in leaves]
     naive_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    assert (spreads(igate, fgate) <= FACTORED_SPREAD).all()  # so that both Functions may take these rows
+    assert (spreads(igate, fgate) <= FACTORED_SPREAD).all()  # so that both computations may take these rows
     cotangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    (apply_form(PARALLEL_FUNCTIONS[function], *leaves).double() * cotangent).sum().backward()
+    (apply_form(COMPUTATIONS[computation], *leaves).double() * cotangent).sum().backward()
     (naive_mlstm(*naive_leaves) * cotangent).sum().backward()
     for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
         assert leaf.grad.dtype == leaf.dtype, name
@@ -149,26 +149,25 @@ def rows_of_two_kinds(seq_len, dtype):
     return [x.to(dtype) for x in (q, k, v, igate, fgate)]
 
 
-@pytest.mark.parametrize("function", PARALLEL_FUNCTIONS)
-def test_each_parallel_function_equals_the_naive_loop_in_float64(function):
-    # the factored one only on rows within its spread; the segment sums on all (FORMS covers extreme gates)
-    q, k, v, igate, fgate = make_inputs(40, 1.0, torch.float64, seed=12)
-    fgate[0, 1] -= 6.0  # one row spread far beyond FACTORED_SPREAD: only the segment sums take it
-    for rows in ([0], [1]) if function == "factored" else ([0, 1],):
-        inputs = [x[rows].clone() for x in (q, k, v, igate, fgate)]
-        within = (spreads(*inputs[3:]) <= FACTORED_SPREAD).all()
-        if function == "factored" and not within:
-            inputs[4][:, 1] += 6.0
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        naive_leaves = [x.clone().requires_grad_() for x in inputs]
-        cotangent = torch.randn(inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
-        h = apply_form(PARALLEL_FUNCTIONS[function], *leaves)
-        expected = naive_mlstm(*naive_leaves)
-        assert relative_error(h, expected) <= 1e-10
-        (h * cotangent).sum().backward()
-        (expected * cotangent).sum().backward()
-        for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
-            assert (leaf.grad - naive.grad).norm() <= 1e-9 * naive.grad.norm(), name
+@pytest.mark.parametrize("computation", COMPUTATIONS)
+def test_each_parallel_computation_equals_the_naive_loop_in_float64(computation):
+    # the factored one on rows within its spread; the segment sums also on a row far beyond it (FORMS
+    # covers extreme gates)
+    inputs = list(make_inputs(40, 1.0, torch.float64, seed=12))
+    if computation == "segment-sums":
+        inputs[4][0, 1] -= 6.0
+    within = spreads(*inputs[3:]) <= FACTORED_SPREAD
+    assert within.all() if computation == "factored" else not within.all()
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    naive_leaves = [x.clone().requires_grad_() for x in inputs]
+    cotangent = torch.randn(inputs[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    h = apply_form(COMPUTATIONS[computation], *leaves)
+    expected = naive_mlstm(*naive_leaves)
+    assert relative_error(h, expected) <= 1e-10
+    (h * cotangent).sum().backward()
+    (expected * cotangent).sum().backward()
+    for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
+        assert (leaf.grad - naive.grad).norm() <= 1e-9 * naive.grad.norm(), name
 
 
 def test_factored_form_keeps_float32_accuracy_at_its_largest_spread():
