@@ -76,26 +76,33 @@ def _gate_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _normalise(numerator, dot, m, eps):
-    """numerator / (max(|dot|, exp(-m)) + eps), computed without overflow.
+def _matmul_dtype(a, b):
+    """The dtype of a matmul of a and b: the autocast dtype under autocast, else their promoted dtype. Read
+    from a 1 x 1 matmul, which works on every torch version and device."""
+    return torch.matmul(a.new_ones(1, 1), b.new_ones(1, 1)).dtype
 
-    numerator: (..., S, DH); dot, m: (..., S, 1). exp(-m) overflows float32 once m < -88, and
-    m >= igate can be as low as the smallest input gate. Multiplying the numerator and the
-    denominator by u = exp(min(m, 0)) <= 1 keeps every factor finite (the denominator is then
-    at least min(1, eps)) and changes nothing in exact arithmetic.
+
+def _normalise(numerator, dot, m, eps, scale=None):
+    """numerator * scale / (max(|dot|, exp(-m)) + eps), computed without overflow.
+
+    numerator: (..., S, DH); dot, m: (..., S, 1); scale: (..., S, 1) or None (1). exp(-m) overflows
+    float32 once m < -88, and m >= igate can be as low as the smallest input gate. Multiplying the
+    numerator and the denominator by u = exp(min(m, 0)) <= 1 keeps every factor finite (the denominator
+    is then at least min(1, eps)) and changes nothing in exact arithmetic.
     """
     u = torch.exp(-torch.relu(-m))
     denominator = torch.maximum(dot.abs() * u, torch.exp(-torch.relu(m))) + eps * u
+    factor = u / denominator if scale is None else scale * u / denominator
     # the (..., S, 1) factor in the numerator's dtype, so that a bf16 numerator gives a bf16 h
     # without a float32 copy of the whole output
-    return numerator * (u / denominator).to(numerator.dtype)
+    return numerator * factor.to(numerator.dtype)
 
 
-def _normalise_backward(grad_h, numerator, dot, m, eps, matmul_dtype):
-    """The gradient of _normalise(numerator, dot, m, eps) -> (grad_numerator in matmul_dtype, grad_dot,
-    grad_m in m's dtype).
+def _normalise_backward(grad_h, numerator, dot, m, eps, matmul_dtype, scale=None):
+    """The gradient of _normalise(numerator, dot, m, eps, scale) with scale held fixed -> (grad_numerator in
+    matmul_dtype, grad_dot, grad_m).
 
-    h = numerator * u / den, den = max(|dot| u, lower) + eps u, u = exp(min(m, 0)), lower = exp(-max(m, 0)).
+    h = numerator * scale * u / den, den = max(|dot| u, lower) + eps u, u = exp(min(m, 0)), lower = exp(-max(m, 0)).
     The (..., S, DH) products in h's dtype, bf16 under autocast (float32 copies of grad_h and of the
     numerator cost more than the products); their row sums and the (..., S, 1) factors in m's dtype.
     matmul_dtype: v's, for the matmuls that follow (h's dtype differs where float32 inputs met autocast).
@@ -104,8 +111,10 @@ def _normalise_backward(grad_h, numerator, dot, m, eps, matmul_dtype):
     on_dot = dot.abs() * u >= lower  # which side of the max is taken
     den = torch.where(on_dot, dot.abs() * u, lower) + eps * u
     ratio = u / den
-    grad_numerator = (grad_h * ratio.to(grad_h.dtype)).to(matmul_dtype)  # (..., S, DH)
-    grad_ratio = (grad_h * numerator).sum(-1, keepdim=True, dtype=m.dtype)  # (..., S, 1)
+    factor = ratio if scale is None else scale * ratio
+    grad_numerator = (grad_h * factor.to(grad_h.dtype)).to(matmul_dtype)  # (..., S, DH)
+    grad_factor = (grad_h * numerator).sum(-1, keepdim=True, dtype=m.dtype)  # (..., S, 1)
+    grad_ratio = grad_factor if scale is None else grad_factor * scale
     grad_den = -grad_ratio * ratio / den
     grad_u = grad_ratio / den + grad_den * (torch.where(on_dot, dot.abs(), 0.0) + eps)
     grad_dot = torch.where(on_dot, grad_den * u * dot.sign(), 0.0)
@@ -237,24 +246,27 @@ def _factored_forward(q, k, v, running, u, gate_dtype, eps):
     a = torch.exp((centre - running_max).clamp(min=-80.0)).to(gate_dtype).unsqueeze(-1)  # (..., S, 1)
     b = torch.exp((u - centre).clamp(-80.0, FACTORED_SPREAD / 2) - 0.5 * math.log(q.shape[-1]))  # with 1/sqrt(DH)
     b = b.to(gate_dtype).unsqueeze(-1)
-    qa, kb = q * a.to(q.dtype), k * b.to(k.dtype)  # (..., S, DH)
-    c = (qa @ kb.transpose(-1, -2)).tril_()  # (..., S, S), in q's dtype (bf16 under autocast)
-    numerator = c.to(v.dtype) @ v
-    dot = c.sum(-1, keepdim=True, dtype=gate_dtype)
-    return _normalise(numerator, dot, m, eps), (v, qa, kb, c, numerator, dot, m, argmax, a, b)
+    kb = k * b.to(k.dtype)  # (..., S, DH)
+    # C' = tril(q kb^T): the scores C without the row factor a, which scales their row sums and C v
+    # afterwards, per row (no pass over q)
+    c = (q @ kb.transpose(-1, -2)).tril_()  # (..., S, S), in q's dtype (bf16 under autocast)
+    numerator = c.to(v.dtype) @ v  # C' v
+    dot = c.sum(-1, keepdim=True, dtype=gate_dtype) * a  # sum_s C[t, s]
+    return _normalise(numerator, dot, m, eps, scale=a), (v, q, kb, c, numerator, dot, m, argmax, a, b)
 
 
 def _factored_backward(saved, grad_h, eps):
     """The gradient of _factored_forward -> (grad q, k, v, igate, log_forget)."""
-    v, qa, kb, c, numerator, dot, m, argmax, a, b = saved
-    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, dot, m, eps, v.dtype)
+    v, q, kb, c, numerator, dot, m, argmax, a, b = saved
+    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, dot, m, eps, v.dtype, scale=a)
     grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
-    grad_c = (grad_numerator @ v.transpose(-1, -2)).add_(grad_dot.to(v.dtype)).tril_().to(qa.dtype)  # (..., S, S)
-    grad_qa, grad_kb = grad_c @ kb, grad_c.transpose(-1, -2) @ qa  # (..., S, DH)
-    grad_q, grad_k = grad_qa * a.to(qa.dtype), grad_kb * b.to(kb.dtype)
-    # d log a_t = sum_d d qa * qa = sum_s dC * C over the row, d log b_s over the column: the S x S product
-    # summed in float32, which is faster and rounds less than the (S, DH) products from the bf16-rounded
-    # d qa and d kb (those put 1.7-3.9% into the forget-gate gradient of the bf16 test, this 0.6-0.8%)
+    grad_c = (grad_numerator @ v.transpose(-1, -2)).add_((grad_dot * a).to(v.dtype)).tril_().to(q.dtype)  # dC'
+    grad_q, grad_kb = grad_c @ kb, grad_c.transpose(-1, -2) @ q  # (..., S, DH)
+    grad_k = grad_kb * b.to(kb.dtype)
+    # d log a_t = sum_s dC' * C' along the row, d log b_s down the column: both sums of one S x S product in
+    # float32, so that their roundings cancel where the gate gradient takes their difference. From (S, DH) or
+    # (S, 1) products instead (d qa * qa, d kb * kb, or the scale's share of a in _normalise), they put 2-7%
+    # into the forget-gate gradient of the bf16 test; this 0.6-0.8%
     grad_scores = grad_c * c
     grad_log_a, grad_log_b = grad_scores.sum(-1, dtype=m.dtype), grad_scores.sum(-2, dtype=m.dtype)  # (..., S)
     grad_m = grad_m.squeeze(-1)
@@ -297,11 +309,13 @@ class ParallelMLSTM(torch.autograd.Function):
     u_s = igate_s - F_s and r_t = max_{s<=t} u_s, log D[t, s] = F_t + u_s and m_t = F_t + r_t, so for s <= t
         exp(log D[t, s] - m_t) = exp(u_s - r_t) = a_t b_s,    a_t = exp(c - r_t),  b_s = exp(u_s - c)
     for any constant c per row; c = u_0 + FACTORED_SPREAD / 2 keeps a_t within e^+-30 and b_s below e^30. Then
-    C = tril((q a) (k b / sqrt(DH))^T): one matmul of scaled inputs, one mask. F, u and r are (..., S)
-    sums in float64 (the running-sum difference that loses precision in float32 at long S is then exact
-    to float64), and a, b are rounded once to the gate dtype. With qa = q a and kb = k b / sqrt(DH):
-        dC = tril(dh' v^T + d dot),   dv = C^T dh',   d qa = dC kb,   d kb = dC^T qa
-        dq = d qa * a,   dk = d kb * b / sqrt(DH),   d log a_t = sum_s (dC * C)[t, s],   d log b_s = sum_t (dC * C)[t, s]
+    C[t, s] = a_t C'[t, s] with C' = tril(q kb^T), kb = k b / sqrt(DH): one matmul of q and the scaled keys,
+    one mask, and a scales the rows of C' v and the row sums of C' afterwards, (..., S, 1) work instead of a
+    pass over q. F, u and r are (..., S) sums in float64 (the running-sum difference that loses precision in
+    float32 at long S is then exact to float64), and a, b are rounded once to the gate dtype. So
+    h = (C' v) * a u / den(dot) with dot = a sum_s C'[:, s] (see _normalise), and with dh' = dh * a u / den:
+        dC' = tril(dh' v^T + a d dot),   dv = C'^T dh',   dq = dC' kb,   d kb = dC'^T q,   dk = d kb * b / sqrt(DH)
+        d log a_t = sum_s (dC' * C')[t, s],   d log b_s = sum_t (dC' * C')[t, s]
     and through log a_t = c - r_t, log b_s = u_s - c (c cancels in every product), m_t = F_t + r_t,
     r_t = u at the argmax of the running maximum, u = igate - F and F = cumsum(log_forget). Where the
     running maximum is tied, dm goes to the last maximum, again a subgradient with the same sum.
@@ -368,9 +382,8 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     """
     gate_dtype = _gate_dtype(q)
     # the factors reach e^30, beyond float16 (largest 65504): where q, k or their matmuls are float16 (float16
-    # autocast, which a 1 x 1 matmul reveals on any torch version) every row takes the segment sums
-    matmul_dtype = torch.matmul(q.new_ones(1, 1), k.new_ones(1, 1)).dtype
-    factor = not torch.compiler.is_compiling() and torch.float16 not in (q.dtype, k.dtype, matmul_dtype)
+    # autocast) every row takes the segment sums
+    factor = not torch.compiler.is_compiling() and torch.float16 not in (q.dtype, k.dtype, _matmul_dtype(q, k))
     return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), fgate.to(gate_dtype), eps, factor).to(q.dtype)
 
 
@@ -713,6 +726,9 @@ class ViLLayer(nn.Module):
         return self.proj_down(h)
 
     def forward(self, x):
+        # x in the dtype the up-projection computes in (bf16 under bf16 autocast), cast once here: autocast would
+        # cast it for each of the two matmuls, and their input gradients would be cast back and summed in float32
+        x = x.to(_matmul_dtype(x, self.proj_up.weight))
         if self.reverse:
             x = x.flip(1)
         x_mlstm, z = self._up(x)  # (B, S, inner) each
