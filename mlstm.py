@@ -77,8 +77,9 @@ def _gate_dtype(x):
 
 
 def _matmul_dtype(a, b):
-    """The dtype of a matmul of a and b: the autocast dtype under autocast, else their promoted dtype. Read
-    from a 1 x 1 matmul, which works on every torch version and device."""
+    """The dtype of a matmul of a and b: the autocast dtype under autocast, else their common dtype (mixed
+    dtypes raise, as the matmul itself would). Read from a 1 x 1 matmul, which works on every torch version
+    and device."""
     return torch.matmul(a.new_ones(1, 1), b.new_ones(1, 1)).dtype
 
 
@@ -88,10 +89,12 @@ def _normalise(numerator, dot, m, eps, scale=None):
     numerator: (..., S, DH); dot, m: (..., S, 1); scale: (..., S, 1) or None (1). exp(-m) overflows
     float32 once m < -88, and m >= igate can be as low as the smallest input gate. Multiplying the
     numerator and the denominator by u = exp(min(m, 0)) <= 1 keeps every factor finite (the denominator
-    is then at least min(1, eps)) and changes nothing in exact arithmetic.
+    is then at least min(1, eps)) and changes nothing in exact arithmetic. h is smooth in m at m = 0, where
+    the two sides meet: there the derivative goes through u alone (through both, it would count twice; through
+    neither, as relu's zero derivative at 0 gave, it would vanish).
     """
-    u = torch.exp(-torch.relu(-m))
-    denominator = torch.maximum(dot.abs() * u, torch.exp(-torch.relu(m))) + eps * u
+    u = torch.exp(torch.where(m <= 0, m, 0.0))
+    denominator = torch.maximum(dot.abs() * u, torch.exp(-torch.where(m > 0, m, 0.0))) + eps * u
     factor = u / denominator if scale is None else scale * u / denominator
     # the (..., S, 1) factor in the numerator's dtype, so that a bf16 numerator gives a bf16 h
     # without a float32 copy of the whole output
@@ -118,7 +121,7 @@ def _normalise_backward(grad_h, numerator, dot, m, eps, matmul_dtype, scale=None
     grad_den = -grad_ratio * ratio / den
     grad_u = grad_ratio / den + grad_den * (torch.where(on_dot, dot.abs(), 0.0) + eps)
     grad_dot = torch.where(on_dot, grad_den * u * dot.sign(), 0.0)
-    grad_m = grad_u * u * (m < 0) - torch.where(on_dot, 0.0, grad_den) * lower * (m > 0)
+    grad_m = grad_u * u * (m <= 0) - torch.where(on_dot, 0.0, grad_den) * lower * (m > 0)  # at m = 0: through u
     return grad_numerator, grad_dot, grad_m
 
 
@@ -263,10 +266,11 @@ def _factored_backward(saved, grad_h, eps):
     grad_c = (grad_numerator @ v.transpose(-1, -2)).add_((grad_dot * a).to(v.dtype)).tril_().to(q.dtype)  # dC'
     grad_q, grad_kb = grad_c @ kb, grad_c.transpose(-1, -2) @ q  # (..., S, DH)
     grad_k = grad_kb * b.to(kb.dtype)
-    # d log a_t = sum_s dC' * C' along the row, d log b_s down the column: both sums of one S x S product in
-    # float32, so that their roundings cancel where the gate gradient takes their difference. From (S, DH) or
-    # (S, 1) products instead (d qa * qa, d kb * kb, or the scale's share of a in _normalise), they put 2-7%
-    # into the forget-gate gradient of the bf16 test; this 0.6-0.8%
+    # d log a_t = sum_s dC' * C' along the row (a's two routes, the output scale and the row sum dot, collected:
+    # C' is lower-triangular), d log b_s down the column: both from one S x S product (in q's dtype, bf16 under
+    # autocast), summed in float32, so that their roundings cancel where the gate gradient takes their
+    # difference. From (S, DH) or (S, 1) products instead (d qa * qa, d kb * kb, or the scale's share of a in
+    # _normalise), they put 2-7% into the forget-gate gradient of the bf16 test; this 0.5-0.9%
     grad_scores = grad_c * c
     grad_log_a, grad_log_b = grad_scores.sum(-1, dtype=m.dtype), grad_scores.sum(-2, dtype=m.dtype)  # (..., S)
     grad_m = grad_m.squeeze(-1)
@@ -316,6 +320,8 @@ class ParallelMLSTM(torch.autograd.Function):
     h = (C' v) * a u / den(dot) with dot = a sum_s C'[:, s] (see _normalise), and with dh' = dh * a u / den:
         dC' = tril(dh' v^T + a d dot),   dv = C'^T dh',   dq = dC' kb,   d kb = dC'^T q,   dk = d kb * b / sqrt(DH)
         d log a_t = sum_s (dC' * C')[t, s],   d log b_s = sum_t (dC' * C')[t, s]
+    (a reaches h through the output scale and through dot; as C' is lower-triangular, the two together sum to
+    the row of dC' * C', the same expression as when a scaled q)
     and through log a_t = c - r_t, log b_s = u_s - c (c cancels in every product), m_t = F_t + r_t,
     r_t = u at the argmax of the running maximum, u = igate - F and F = cumsum(log_forget). Where the
     running maximum is tied, dm goes to the last maximum, again a subgradient with the same sum.
@@ -728,6 +734,7 @@ class ViLLayer(nn.Module):
     def forward(self, x):
         # x in the dtype the up-projection computes in (bf16 under bf16 autocast), cast once here: autocast would
         # cast it for each of the two matmuls, and their input gradients would be cast back and summed in float32
+        # (now they are summed in bf16: one more rounding of the gradient into x, about 2^-9)
         x = x.to(_matmul_dtype(x, self.proj_up.weight))
         if self.reverse:
             x = x.flip(1)

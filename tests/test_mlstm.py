@@ -2,6 +2,8 @@
 module docstring, part 1 (checked against a naive float64 loop written here), stay finite at
 extreme gates, have correct gradients, and the chunkwise form needs memory linear in S."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,24 @@ def test_bf16_parallel_gradient_agrees_with_float64(regime, computation):
     for name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
         assert leaf.grad.dtype == leaf.dtype, name
         assert normwise_relative_error(leaf.grad, naive.grad) <= 2e-2, name
+
+
+def test_gradients_at_m_zero_equal_the_naive_loop():
+    # an input gate of exactly 0 on the first token gives m = 0 there, where the two sides of the overflow-safe
+    # normaliser meet (_normalise); with a small query its lower bound exp(-m) is taken, and the gradient
+    # through m must be the naive loop's, neither lost (as it was) nor counted twice
+    q, k, v, igate, fgate = make_inputs(4, 1.0, torch.float64, seed=0, batch=1, heads=1)
+    q = q * 1e-3
+    igate[..., 0] = 0.0
+    naive_leaves = [x.clone().requires_grad_() for x in (q, k, v, igate, fgate)]
+    cotangent = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (naive_mlstm(*naive_leaves) * cotangent).sum().backward()
+    forms = dict(FORMS, **{name: functools.partial(apply_form, factor) for name, factor in COMPUTATIONS.items()})
+    for name, form in forms.items():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, igate, fgate)]
+        (form(*leaves) * cotangent).sum().backward()
+        for grad_name, leaf, naive in zip("q k v igate fgate".split(), leaves, naive_leaves):
+            assert normwise_relative_error(leaf.grad, naive.grad) <= 1e-9, (name, grad_name)
 
 
 @pytest.mark.parametrize("form", [parallel_mlstm, lambda *x: chunkwise_mlstm(*x, chunk_size=3)],
