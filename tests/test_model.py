@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import SMALL, normwise_relative_error
-from mlstm import BlockDiagonalLinear, ViLBlock, reference_vil_layer
+from mlstm import MLSTM_FORMS, BlockDiagonalLinear, ViLBlock, reference_vil_layer
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
 
 
@@ -304,3 +304,16 @@ def test_pooling_reads_the_first_and_last_token(pooling):
     else:
         pooled = (normed[:, 0] + normed[:, -1]) / 2
     torch.testing.assert_close(logits, model.head(pooled))
+
+
+@pytest.mark.parametrize("form", MLSTM_FORMS)
+def test_forward_and_backward_off_the_cpu_read_nothing_back_from_the_device(form):
+    # on a GPU a host read (nonzero, .item(), a branch on tensor values) makes every step wait for the device.
+    # The meta device holds no data, so any such read raises there (as the CPU-only per-row choice of the
+    # factored parallel form did before it was kept to the CPU)
+    model = create_model("vil-1m", drop_path=0.1, mlstm_form=form).to("meta").train()
+    logits = model(torch.randn(4, 3, 32, 32, device="meta"))
+    loss = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long, device="meta"),
+                                             label_smoothing=0.1)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
