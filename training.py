@@ -122,6 +122,11 @@ FLAGS = {
     ),
     "optimiser and schedule": dict(
         epochs=Flag(20, int, "[1, 100000]", "epochs of training"),
+        # a 2-core CPU's speed varies between machines of one kind (1.7x between two AMD EPYCs here), so
+        # a fixed number of epochs cannot promise an hour; the budget measures this machine instead
+        time_budget=Flag(0.0, float, "[0, 1e6]", "minutes of training: the epochs are cut to what fits "
+                                                 "them on this machine, from steps timed before the run "
+                                                 "(0: off; a given --epochs turns the recipe's off)"),
         batch_size=Flag(256, int, "[1, 1048576]", "global batch (split over processes under torchrun)"),
         lr=Flag(1e-3, float, "(0, 10]", "peak learning rate of AdamW"),
         weight_decay=Flag(0.05, float, "[0, 10]", "AdamW weight decay of weight matrices and kernels"),
@@ -166,10 +171,12 @@ DEFAULTS = {name: flag.default for flags in FLAGS.values() for name, flag in fla
 RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, flip=False, warmup_epochs=1.0),
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
-    # 33 epochs: what fits an hour on a 2-core CPU with native bf16, with a margin (README.md, "Results");
-    # RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (README.md, "Recipe
-    # ablations"); longer runs reach more (--epochs 100)
-    "cifar10": dict(epochs=33, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05, ema=0.999),
+    # at most 33 epochs, as many as fit 55 minutes of training (on a 2-core CPU: 33 on the faster AMD EPYC
+    # here, 19 on the slower one; README.md, "Results"); RandAugment with one op, ahead of two on a
+    # validation split at 20 and 30 epochs (README.md, "Recipe ablations"); longer runs reach more
+    # (--epochs 100 --policy-ops 2)
+    "cifar10": dict(epochs=33, time_budget=55.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
+                    ema=0.999),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
                      ema=0.999, warmup_epochs=5.0),
     "folder": dict(epochs=50),
@@ -225,6 +232,8 @@ def parse_config(argv):
         raise UserError("--eval-only and --resume exclude each other: evaluate a saved run, or continue it")
     given = canonical_names(given)
     config = {**DEFAULTS, **RECIPES.get(given.get("dataset", DEFAULTS["dataset"]), {}), **given}
+    if "epochs" in given and "time_budget" not in given:
+        config["time_budget"] = 0.0  # the epochs asked for are the run's: the recipe's budget is off
     check_config(config)
     return config, set(given), resume, eval_only, checkpoint
 
@@ -517,7 +526,9 @@ def resolve_run(config, given, resume):
                         f"copied over it, or a file of another version?); evaluate it with --eval-only "
                         f"--checkpoint {shlex.quote(path)}, or start a new run in another --out-dir")
     # an overridable setting may be missing: the command line (or the default) gives it
-    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE))
+    # a run saved before --time-budget existed had none (only a new run reads it)
+    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - {"time_budget"})
+    saved.setdefault("time_budget", 0.0)
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
                      and saved.get(key) != config[key])
     if ignored:
@@ -846,8 +857,7 @@ def setup_run(config, given, resume, folder):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = WeightEMA(raw_model, config["ema"]) if config["ema"] else None
     steps_per_epoch = len(loader)
-    total_steps = config["epochs"] * steps_per_epoch
-    warmup_steps = int(min(config["warmup_epochs"] * steps_per_epoch, 0.2 * total_steps))
+    total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
 
     start_epoch, start_step, partial = 0, 0, None
     if checkpoint is not None:
@@ -873,6 +883,67 @@ def setup_run(config, given, resume, folder):
                start_step=start_step, partial=partial, history=history,
                best_val_acc=max((record.get("val_acc", -1) for record in history), default=-1),
                train_seconds=sum(record["seconds"] for record in history))
+
+
+def schedule_steps(config, steps_per_epoch):
+    """(total steps, warm-up steps) of the learning-rate schedule."""
+    total_steps = config["epochs"] * steps_per_epoch
+    return total_steps, int(min(config["warmup_epochs"] * steps_per_epoch, 0.2 * total_steps))
+
+
+# --time-budget's estimate: untimed steps (caches and the allocator warm up), then timed ones
+BUDGET_WARMUP_STEPS, BUDGET_TIMED_STEPS = 3, 10
+
+
+def fit_to_time_budget(run):
+    """--time-budget on a new run: cut config["epochs"] (and the schedule) to the most epochs, at least
+    one, whose training steps fit the budget on this machine, from step_seconds' estimate of a step.
+    The estimate and the epochs asked for are recorded in config (config.json)."""
+    config = run.config
+    seconds = step_seconds(run)
+    asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
+    config["epochs"] = max(1, min(asked, int(60 * config["time_budget"] // epoch_seconds)))
+    config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked)
+    run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
+    if run.is_main:
+        print(f"time budget {config['time_budget']:g} min: {seconds:.3f} s a step ({BUDGET_TIMED_STEPS} "
+              f"timed), {run.steps_per_epoch} steps an epoch -> {config['epochs']} of {asked} epochs, about "
+              f"{format_seconds(config['epochs'] * epoch_seconds)} of training", flush=True)
+
+
+def step_seconds(run):
+    """The seconds of one training step of the run on this machine: a throwaway copy of the model,
+    optimiser and EMA takes BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS steps on the run's own first
+    batches, the loader included, as the loop takes them; the timed ones' mean. The run's weights,
+    optimiser state and random draws are untouched (every draw is a function of seed, epoch and step).
+    The copy runs eager and without DistributedDataParallel: under --compile this is an eager step;
+    under torchrun each process times its own and the slowest counts."""
+    config = run.config
+    copied = copy.deepcopy(run.raw_model)
+    probe = dataclasses.replace(
+        run, raw_model=copied, model=copied,
+        optimizer=torch.optim.AdamW(copied.param_groups(config["weight_decay"]), lr=config["lr"],
+                                    betas=(0.9, 0.999), fused=run.device.type == "cuda"),
+        scaler=torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled()),
+        ema=WeightEMA(copied, config["ema"]) if run.ema is not None else None)
+    batches = itertools.chain.from_iterable(run.loader.epoch(epoch) for epoch in itertools.count())
+    for step in range(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
+        if step == BUDGET_WARMUP_STEPS:
+            synchronize(run.device)
+            started = time.perf_counter()
+        train_step(probe, *next(batches), step)
+    synchronize(run.device)
+    seconds = (time.perf_counter() - started) / BUDGET_TIMED_STEPS
+    if run.world_size > 1:
+        slowest = torch.tensor([seconds], device=run.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        seconds = slowest.item()
+    return seconds
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def announce(run):
@@ -1077,6 +1148,8 @@ def train(config, given, resume, folder):
     the test set. Returns what final.json holds."""
     run = setup_run(config, given, resume, folder)
     announce(run)
+    if not resume and run.config["time_budget"]:
+        fit_to_time_budget(run)
     stop = folder.stop
     folder.training = True
     with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
@@ -1098,8 +1171,7 @@ def train(config, given, resume, folder):
                     progress.close()
                     save(run, epoch, step + 1, meter.to_partial(step + 1))
                     raise KeyboardInterrupt  # main reports it from folder.saved, as any interruption
-            if run.device.type == "cuda":
-                torch.cuda.synchronize(run.device)
+            synchronize(run.device)
             seconds = meter.seconds()
             progress.close()
             end_epoch(run, epoch, meter, seconds)

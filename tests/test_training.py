@@ -854,3 +854,52 @@ def test_float32_matmuls_use_tf32_on_a_gpu_only():
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_time_budget_cuts_the_epochs_to_what_fits_and_leaves_the_run_as_it_would_be(data_dir, tmp_path, capsys):
+    # a budget no epoch fits: one epoch, with the estimate recorded; a resumed run keeps its epochs (no new fit)
+    short = tmp_path / "short"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(short), "--epochs", "3",
+                                      "--time-budget", "1e-6"], capsys)
+    assert code == 0, captured.err
+    assert "time budget 1e-06 min" in captured.out and "-> 1 of 3 epochs" in captured.out
+    config = json.loads((short / "config.json").read_text())
+    assert config["epochs"] == 1 and config["time_budget_fit"]["epochs_asked"] == 3
+    assert config["time_budget_fit"]["seconds_per_step"] > 0
+    assert json.loads((short / "final.json").read_text())["epochs"] == 1
+    code, captured = run_main(["--resume", "--out-dir", str(short), "--epochs", "2"], capsys)
+    assert code == 0 and "time budget" not in captured.out, captured.err
+    assert len((short / "metrics.jsonl").read_text().splitlines()) == 2
+    # a budget every epoch fits: the epochs asked for, and the same weights as a run without a budget
+    # (the timed steps run on a copy and draw nothing from the run's random streams)
+    runs = {}
+    for name, extra in (("budget", ["--time-budget", "1e6"]), ("plain", [])):
+        runs[name] = tmp_path / name
+        assert run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(runs[name]), "--epochs", "2",
+                                "--ema", "0.9", "--drop-path", "0.2", "--mixup", "0.5"] + extra)[0] == 0
+    assert json.loads((runs["budget"] / "config.json").read_text())["epochs"] == 2
+    assert_same_weights(full_state(runs["budget"] / "checkpoint.pt"), full_state(runs["plain"] / "checkpoint.pt"))
+
+
+def test_a_time_budget_trains_the_epochs_whose_timed_steps_fit_it(data_dir, tmp_path, capsys, monkeypatch):
+    # steps of 1 s, epochs of 6 steps (96 images, batch 16): 0.3 minutes hold 3 of the 5 epochs asked for
+    monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "5",
+                                      "--time-budget", "0.3"], capsys)
+    assert code == 0, captured.err
+    assert "1.000 s a step" in captured.out and "-> 3 of 5 epochs, about 0:18 of training" in captured.out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in metrics] == [1, 2, 3]
+    # the schedule is the 3-epoch run's: the last step's learning rate is its cosine's end, not the 5-epoch one's
+    schedule = training.schedule_steps({"epochs": 3, "warmup_epochs": 0.5}, 6)
+    assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(3 * 6 - 1, *schedule, 3e-3))
+
+
+def test_the_cifar_recipe_fits_its_time_budget_unless_epochs_are_given():
+    config = training.parse_config(["--dataset", "cifar"])[0]
+    assert config["time_budget"] == training.RECIPES["cifar10"]["time_budget"] > 0
+    assert training.parse_config(["--dataset", "cifar", "--epochs", "100"])[0]["time_budget"] == 0
+    both = training.parse_config(["--dataset", "cifar", "--epochs", "100", "--time-budget", "30"])[0]
+    assert (both["epochs"], both["time_budget"]) == (100, 30)
+    assert training.parse_config(["--dataset", "mnist"])[0]["time_budget"] == 0
