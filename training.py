@@ -124,9 +124,10 @@ FLAGS = {
         epochs=Flag(20, int, "[1, 100000]", "epochs of training"),
         # a 2-core CPU's speed varies between machines of one kind (1.7x between two AMD EPYCs here), so
         # a fixed number of epochs cannot promise an hour; the budget measures this machine instead
-        time_budget=Flag(0.0, float, "[0, 1e6]", "minutes of training: the epochs are cut to what fits "
-                                                 "them on this machine, from steps timed before the run "
-                                                 "(0: off; a given --epochs turns the recipe's off)"),
+        time_budget=Flag(0.0, float, "[0, 1e6]", "minutes of training steps (evaluations come on top): "
+                                                 "the epochs are cut to what fits them on this machine, from "
+                                                 "steps timed before the run (0: off; a given --epochs turns "
+                                                 "the recipe's off)"),
         batch_size=Flag(256, int, "[1, 1048576]", "global batch (split over processes under torchrun)"),
         lr=Flag(1e-3, float, "(0, 10]", "peak learning rate of AdamW"),
         weight_decay=Flag(0.05, float, "[0, 10]", "AdamW weight decay of weight matrices and kernels"),
@@ -916,12 +917,12 @@ def step_seconds(run):
     optimiser and EMA takes BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS steps on the run's own first
     batches, the loader included, as the loop takes them; the timed ones' mean. The run's weights,
     optimiser state and random draws are untouched (every draw is a function of seed, epoch and step).
-    The copy runs eager and without DistributedDataParallel: under --compile this is an eager step;
-    under torchrun each process times its own and the slowest counts."""
+    Under --compile the copy is compiled too (the untimed steps take the compile); it runs without
+    DistributedDataParallel: under torchrun each process times its own and the slowest counts."""
     config = run.config
     copied = copy.deepcopy(run.raw_model)
     probe = dataclasses.replace(
-        run, raw_model=copied, model=copied,
+        run, raw_model=copied, model=CompileFallback(copied, verbose=False) if config["compile"] else copied,
         optimizer=torch.optim.AdamW(copied.param_groups(config["weight_decay"]), lr=config["lr"],
                                     betas=(0.9, 0.999), fused=run.device.type == "cuda"),
         scaler=torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled()),

@@ -238,7 +238,7 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data
     env = dict(os.environ, OMP_NUM_THREADS="1")
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", os.path.join(ROOT, "training.py"), *common,
-                             "--out-dir", str(tmp_path / "two")],
+                             "--out-dir", str(tmp_path / "two"), "--time-budget", "1e6"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     # the EMA too: every process starts from the same initial weights
@@ -248,6 +248,9 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data
     final_one = json.loads((tmp_path / "one" / "final.json").read_text())
     final_two = json.loads((tmp_path / "two" / "final.json").read_text())
     assert final_two["world_size"] == 2
+    # the budget's timed steps, on every process, agree on the epochs and leave the weights as they were
+    config_two = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config_two["epochs"] == 2 and config_two["time_budget_fit"]["epochs_asked"] == 2
     assert final_two["test_acc"] == pytest.approx(final_one["test_acc"], abs=1 / 32)
 
 
@@ -903,3 +906,14 @@ def test_the_cifar_recipe_fits_its_time_budget_unless_epochs_are_given():
     both = training.parse_config(["--dataset", "cifar", "--epochs", "100", "--time-budget", "30"])[0]
     assert (both["epochs"], both["time_budget"]) == (100, 30)
     assert training.parse_config(["--dataset", "mnist"])[0]["time_budget"] == 0
+
+
+def test_a_run_saved_before_the_time_budget_existed_resumes_without_one(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path)
+    checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del checkpoint["config"]["time_budget"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    assert code == 0, captured.err
+    assert "time budget" not in captured.out
+    assert json.loads((out / "config.json").read_text())["time_budget"] == 0
