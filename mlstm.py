@@ -382,9 +382,9 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     On a CPU, ParallelMLSTM factors the decay matrix on the rows whose gates allow it; in trained models
     a few heads forget within a few tokens and take the segment sums. That choice per row reads the gates
     on the host, which on a GPU makes every call wait for the device (a host sync, which tests/test_cuda.py
-    caught on an H100), so on any other device every row takes the segment sums. So does every row under torch.compile (a compiled graph would break at a choice that depends on
-    the gate values, and the compiler fuses their elementwise passes itself), and every row whose matmuls
-    run in float16.
+    caught on an H100), so on any other device every row takes the segment sums. So does every row under
+    torch.compile (a compiled graph would break at a choice that depends on the gate values, and the
+    compiler fuses their elementwise passes itself), and every row whose matmuls run in float16.
     """
     gate_dtype = _gate_dtype(q)
     # the factors reach e^30, beyond float16 (largest 65504): where q, k or their matmuls are float16 (float16

@@ -173,7 +173,7 @@ RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, flip=False, warmup_epochs=1.0),
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 33 epochs, as many as fit 50 minutes of training: the hour with room for the estimate, whose
-    # steps ran about 8% faster than the run's on a 2-core AMD EPYC (README.md, "Results"); RandAugment with
+    # steps ran 4-9% faster than the runs' on a 2-core AMD EPYC (README.md, "Results"); RandAugment with
     # one op, ahead of two on a validation split at 20 and 30 epochs (README.md, "Recipe ablations"); longer
     # runs reach more (--epochs 100 --policy-ops 2)
     "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
@@ -853,10 +853,7 @@ def setup_run(config, given, resume, folder):
     check_parallel_form_memory(raw_model.config, device, config["batch_size"] // world_size)
     config["model_config"] = dataclasses.asdict(raw_model.config)
     config["num_classes"] = num_classes
-    optimizer = torch.optim.AdamW(raw_model.param_groups(config["weight_decay"]), lr=config["lr"],
-                                  betas=(0.9, 0.999), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = WeightEMA(raw_model, config["ema"]) if config["ema"] else None
+    optimizer, scaler, ema = training_state(raw_model, config, device, dtype)
     steps_per_epoch = len(loader)
     total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
 
@@ -884,6 +881,16 @@ def setup_run(config, given, resume, folder):
                start_step=start_step, partial=partial, history=history,
                best_val_acc=max((record.get("val_acc", -1) for record in history), default=-1),
                train_seconds=sum(record["seconds"] for record in history))
+
+
+def training_state(model, config, device, dtype):
+    """A fresh (AdamW optimiser, gradient scaler, EMA or None) for model: the run's, or the time budget's
+    throwaway copy's."""
+    optimizer = torch.optim.AdamW(model.param_groups(config["weight_decay"]), lr=config["lr"],
+                                  betas=(0.9, 0.999), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = WeightEMA(model, config["ema"]) if config["ema"] else None
+    return optimizer, scaler, ema
 
 
 def schedule_steps(config, steps_per_epoch):
@@ -921,12 +928,9 @@ def step_seconds(run):
     DistributedDataParallel: under torchrun each process times its own and the slowest counts."""
     config = run.config
     copied = copy.deepcopy(run.raw_model)
-    probe = dataclasses.replace(
-        run, raw_model=copied, model=CompileFallback(copied, verbose=False) if config["compile"] else copied,
-        optimizer=torch.optim.AdamW(copied.param_groups(config["weight_decay"]), lr=config["lr"],
-                                    betas=(0.9, 0.999), fused=run.device.type == "cuda"),
-        scaler=torch.amp.GradScaler(run.device.type, enabled=run.scaler.is_enabled()),
-        ema=WeightEMA(copied, config["ema"]) if run.ema is not None else None)
+    optimizer, scaler, ema = training_state(copied, config, run.device, run.dtype)
+    model = CompileFallback(copied, verbose=False) if config["compile"] else copied
+    probe = dataclasses.replace(run, raw_model=copied, model=model, optimizer=optimizer, scaler=scaler, ema=ema)
     batches = itertools.chain.from_iterable(run.loader.epoch(epoch) for epoch in itertools.count())
     for step in range(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
         if step == BUDGET_WARMUP_STEPS:
