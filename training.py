@@ -173,9 +173,9 @@ RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, flip=False, warmup_epochs=1.0),
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 33 epochs, as many as fit 50 minutes of training: the hour with room for the estimate, whose
-    # steps ran 4-9% faster than the runs' on a 2-core AMD EPYC (README.md, "Results"); RandAugment with
-    # one op, ahead of two on a validation split at 20 and 30 epochs (README.md, "Recipe ablations"); longer
-    # runs reach more (--epochs 100 --policy-ops 2)
+    # steps ran 4-16% faster than the epochs of three runs on a 2-core AMD EPYC whose speed drifted
+    # (README.md, "Results"); RandAugment with one op, ahead of two on a validation split at 20 and 30
+    # epochs (README.md, "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
     "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
                     ema=0.999),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
