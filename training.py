@@ -914,9 +914,12 @@ def fit_to_time_budget(run):
     config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked)
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     if run.is_main:
+        # where the budget cut the epochs, what the whole recipe would take here: on a slow machine (float32 on
+        # a CPU without native bf16, say) the gap is the user's cue to give --epochs and more time
+        whole = f" (all {asked}: about {format_seconds(asked * epoch_seconds)})" if config["epochs"] < asked else ""
         print(f"time budget {config['time_budget']:g} min: {seconds:.3f} s a step ({BUDGET_TIMED_STEPS} "
               f"timed), {run.steps_per_epoch} steps an epoch -> {config['epochs']} of {asked} epochs, about "
-              f"{format_seconds(config['epochs'] * epoch_seconds)} of training", flush=True)
+              f"{format_seconds(config['epochs'] * epoch_seconds)} of training{whole}", flush=True)
 
 
 def step_seconds(run):
