@@ -126,8 +126,8 @@ FLAGS = {
         # a fixed number of epochs cannot promise an hour; the budget measures this machine instead
         time_budget=Flag(0.0, float, "[0, 1e6]", "minutes of training steps (evaluations come on top): "
                                                  "the epochs are cut to what fits them on this machine, from "
-                                                 "steps timed before the run (0: off; a given --epochs turns "
-                                                 "the recipe's off)"),
+                                                 "steps timed before the run and again from the first epoch "
+                                                 "(0: off; a given --epochs turns the recipe's off)"),
         batch_size=Flag(256, int, "[1, 1048576]", "global batch (split over processes under torchrun)"),
         lr=Flag(1e-3, float, "(0, 10]", "peak learning rate of AdamW"),
         weight_decay=Flag(0.05, float, "[0, 10]", "AdamW weight decay of weight matrices and kernels"),
@@ -906,12 +906,13 @@ BUDGET_WARMUP_STEPS, BUDGET_TIMED_STEPS = 3, 10
 def fit_to_time_budget(run):
     """--time-budget on a new run: cut config["epochs"] (and the schedule) to the most epochs, at least
     one, whose training steps fit the budget on this machine, from step_seconds' estimate of a step.
-    The estimate and the epochs asked for are recorded in config (config.json)."""
+    The estimate and the epochs asked for are recorded in config (config.json); refit_to_time_budget
+    fits them again after the first epoch."""
     config = run.config
     seconds = step_seconds(run)
     asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
-    config["epochs"] = max(1, min(asked, int(60 * config["time_budget"] // epoch_seconds)))
-    config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked)
+    config["epochs"] = epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked)
+    config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked, epochs_from_steps=config["epochs"])
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     if run.is_main:
         # where the budget cut the epochs, what the whole recipe would take here: on a slow machine (float32 on
@@ -920,6 +921,43 @@ def fit_to_time_budget(run):
         print(f"time budget {config['time_budget']:g} min: {seconds:.3f} s a step ({BUDGET_TIMED_STEPS} "
               f"timed), {run.steps_per_epoch} steps an epoch -> {config['epochs']} of {asked} epochs, about "
               f"{format_seconds(config['epochs'] * epoch_seconds)} of training{whole}", flush=True)
+
+
+def epochs_in_budget(budget_seconds, epoch_seconds, asked, done=0, spent=0.0):
+    """The most epochs, at most `asked`, whose training fits budget_seconds where `done` epochs took `spent`
+    seconds and each further one takes epoch_seconds. At least one, and after done > 0 epochs at least one
+    more: a schedule cut after the fact to the epochs done would end the run at a high learning rate."""
+    fits = done + int(max(0.0, budget_seconds - spent) // epoch_seconds)
+    return max(done + 1, min(asked, fits))
+
+
+def refit_due(run, epoch):
+    """Whether the epoch just ended is the first of a run whose epochs the time budget fitted (and that
+    nothing has changed since: a resumed run given --epochs keeps them), with more epochs to come."""
+    fit = run.config.get("time_budget_fit")
+    return (epoch == 0 and run.config["time_budget"] > 0 and fit is not None and "first_epoch_seconds" not in fit
+            and run.config["epochs"] == fit.get("epochs_from_steps") and run.config["epochs"] > 1)
+
+
+def refit_to_time_budget(run, seconds):
+    """--time-budget after the first epoch, which took `seconds`: the epochs (and the schedule, its warm-up too)
+    fitted again from that epoch, the whole loop over every batch where the first fit timed ten steps (on the
+    2-core CPUs of README.md's results that fit was 4-16% short, and a laptop that throttles falls further
+    behind), at most the epochs asked for and at least one more. Under torchrun the slowest process's epoch
+    counts. Recorded in config (time_budget_fit); returns the line that reports it."""
+    config, fit = run.config, run.config["time_budget_fit"]
+    if run.world_size > 1:
+        slowest = torch.tensor([seconds], device=run.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        seconds = slowest.item()
+    config["epochs"] = epochs_in_budget(60 * config["time_budget"], seconds, fit["epochs_asked"], done=1,
+                                        spent=run.train_seconds)
+    fit["first_epoch_seconds"] = seconds
+    run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
+    estimate = fit["seconds_per_step"] * run.steps_per_epoch
+    return (f"time budget {config['time_budget']:g} min: epoch 1 took {format_seconds(seconds)} (estimated "
+            f"{format_seconds(estimate)}) -> {config['epochs']} of {fit['epochs_asked']} epochs, about "
+            f"{format_seconds(run.train_seconds + (config['epochs'] - 1) * seconds)} of training")
 
 
 def step_seconds(run):
@@ -1114,6 +1152,8 @@ def end_epoch(run, epoch, meter, seconds):
         record["val_loss"], record["val_acc"] = evaluate_split(run, *run.val)
     if run.config["eval_test_every_epoch"]:
         record["test_loss"], record["test_acc"] = evaluate_split(run, *run.test)
+    # before the checkpoint, which then holds the epochs and schedule the run goes on with
+    refit = refit_to_time_budget(run, seconds) if refit_due(run, epoch) else None
     with run.folder.stop.deferred():  # the epoch's files are written whole, whatever signal arrives
         # the checkpoint first: a metrics line never refers to an epoch that is not saved
         best = run.val is not None and record["val_acc"] > run.best_val_acc
@@ -1125,6 +1165,8 @@ def end_epoch(run, epoch, meter, seconds):
                 "".join(json.dumps(line) + "\n" for line in run.history).encode())))
             run.folder.write("curves.png", lambda path: plot_curves(run.history, path))
             print(epoch_summary(record, run.config["epochs"]), flush=True)
+            if refit is not None:
+                print(refit, flush=True)
 
 
 def final_evaluation(run):
@@ -1161,7 +1203,8 @@ def train(config, given, resume, folder):
     stop = folder.stop
     folder.training = True
     with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
-        for epoch in range(run.start_epoch, run.config["epochs"]):
+        epoch = run.start_epoch
+        while epoch < run.config["epochs"]:  # the time budget may refit the epochs after the first
             progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}",
                                    run.is_main)
             start_step = run.start_step if epoch == run.start_epoch else 0
@@ -1187,6 +1230,7 @@ def train(config, given, resume, folder):
             # writes the run files), may be asked to stop after the others have started the next epoch
             if all_reduce_sum([float(stop.requested)], run.device)[0]:
                 raise KeyboardInterrupt
+            epoch += 1
     return final_evaluation(run)
 
 

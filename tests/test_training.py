@@ -16,6 +16,7 @@ import torch
 
 import training
 from helpers import TINY, run_main, write_folder_dataset
+from utils import format_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -887,19 +888,102 @@ def test_a_time_budget_cuts_the_epochs_to_what_fits_and_leaves_the_run_as_it_wou
 
 
 def test_a_time_budget_trains_the_epochs_whose_timed_steps_fit_it(data_dir, tmp_path, capsys, monkeypatch):
-    # steps of 1 s, epochs of 6 steps (96 images, batch 16): 0.3 minutes hold 3 of the 5 epochs asked for
+    # steps of 1 s, epochs of 6 steps (96 images, batch 16): 0.3 minutes hold 3 of the 5 epochs asked for; the
+    # first epoch takes the 6 s estimated, so the refit after it keeps them
     monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
+    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: 6.0)
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "5",
                                       "--time-budget", "0.3"], capsys)
     assert code == 0, captured.err
     assert "1.000 s a step" in captured.out
     assert "-> 3 of 5 epochs, about 0:18 of training (all 5: about 0:30)" in captured.out
+    assert "epoch 1 took 0:06 (estimated 0:06) -> 3 of 5 epochs, about 0:18 of training" in captured.out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in metrics] == [1, 2, 3]
     # the schedule is the 3-epoch run's: the last step's learning rate is its cosine's end, not the 5-epoch one's
     schedule = training.schedule_steps({"epochs": 3, "warmup_epochs": 0.5}, 6)
     assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(3 * 6 - 1, *schedule, 3e-3))
+
+
+def test_epochs_in_budget_fills_the_budget_within_the_epochs_asked():
+    for budget, epoch, asked in [(100.0, 7.0, 50), (100.0, 30.0, 2), (5.0, 9.0, 4), (60.0, 6.0, 10), (3000.0, 1.0, 33)]:
+        first = training.epochs_in_budget(budget, epoch, asked)
+        assert 1 <= first <= asked
+        assert first == asked or first * epoch <= budget < (first + 1) * epoch or (first == 1 and epoch > budget)
+        for done, spent in [(1, epoch), (1, 2.5 * epoch), (3, 40.0)]:
+            again = training.epochs_in_budget(budget, epoch, asked, done=done, spent=spent)
+            # never fewer than one epoch more than done (the schedule must still run to its end), never more
+            # than asked; within those, the most whose remaining epochs fit what the done ones left
+            assert done + 1 <= again <= max(asked, done + 1)
+            fits = spent + (again - done) * epoch <= budget
+            assert fits or again == done + 1
+            assert again == asked or again == done + 1 or spent + (again + 1 - done) * epoch > budget
+
+
+@pytest.mark.parametrize("epoch_seconds, expected", [(9.0, 2), (2.0, 5), (60.0, 2)])
+def test_the_time_budget_refits_the_epochs_to_the_first_epochs_time(data_dir, tmp_path, capsys, monkeypatch,
+                                                                   epoch_seconds, expected):
+    # the timed steps say 3 of 5 epochs fit 0.3 minutes (1 s a step, 6 steps an epoch); the first epoch then
+    # takes epoch_seconds: 9 s leave room for one more (2 in all), 2 s for all 5 asked, and 60 s, over the whole
+    # budget, still for one more, so that the learning rate decays to the schedule's end
+    monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
+    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: epoch_seconds)
+    saved_epochs, save = [], training.save  # the epochs in the config of each checkpoint as it is saved
+    monkeypatch.setattr(training, "save", lambda run, *args, **kwargs: (saved_epochs.append(run.config["epochs"]),
+                                                                         save(run, *args, **kwargs)))
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "5",
+                                      "--time-budget", "0.3", "--warmup-epochs", "1"], capsys)
+    assert code == 0, captured.err
+    assert "-> 3 of 5 epochs, about 0:18 of training" in captured.out
+    total = format_seconds(expected * epoch_seconds)
+    assert (f"epoch 1 took {format_seconds(epoch_seconds)} (estimated 0:06) -> {expected} of 5 epochs, about "
+            f"{total} of training") in captured.out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in metrics] == list(range(1, expected + 1))
+    # epoch 1 ran on the first fit's schedule, the others on the refitted one, to its end
+    first, refitted = (training.schedule_steps({"epochs": epochs, "warmup_epochs": 1}, 6) for epochs in (3, expected))
+    assert metrics[0]["lr"] == pytest.approx(training.learning_rate(5, *first, 3e-3))
+    assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(expected * 6 - 1, *refitted, 3e-3))
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == expected and json.loads((out / "final.json").read_text())["epochs"] == expected
+    assert config["time_budget_fit"] == dict(seconds_per_step=1.0, epochs_asked=5, epochs_from_steps=3,
+                                             first_epoch_seconds=epoch_seconds)
+    # every checkpoint, the first one too, holds the refitted epochs: a run resumed from it goes on to them
+    assert saved_epochs == [expected] * expected
+    assert captured.out.count("epoch 1 took") == 1
+
+
+def test_a_run_stopped_in_its_first_epoch_is_refitted_when_resumed_unless_given_epochs(data_dir, tmp_path,
+                                                                                        capsys, monkeypatch):
+    # as above, 3 of 5 epochs from the timed steps and a first epoch of 9 s: refitted to 2 epochs
+    monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
+    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: 9.0)
+    common = TINY + ["--data-dir", data_dir, "--epochs", "5", "--time-budget", "0.3", "--ema", "0.9"]
+    straight = tmp_path / "straight"
+    assert run_main(common + ["--out-dir", str(straight)], capsys)[0] == 0
+    real_cross_entropy, calls = training.F.cross_entropy, []
+
+    def loss_then_interrupt(logits, target, **kwargs):  # Ctrl-C during step 3 of epoch 1 (no timed steps here)
+        if kwargs.get("reduction", "mean") == "mean":
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_cross_entropy(logits, target, **kwargs)
+
+    for name, extra, epochs in (("split", [], 2), ("given", ["--epochs", "4"], 4)):
+        out = tmp_path / name
+        with monkeypatch.context() as patch:
+            patch.setattr(training.F, "cross_entropy", loss_then_interrupt)
+            calls.clear()
+            assert run_main(common + ["--out-dir", str(out)], capsys)[0] == 130
+        code, captured = run_main(["--resume", "--out-dir", str(out), *extra], capsys)
+        assert code == 0, captured.err
+        assert json.loads((out / "final.json").read_text())["epochs"] == epochs
+        assert ("epoch 1 took 0:09" in captured.out) == (not extra)
+    # the refit in the resumed run is the uninterrupted run's
+    assert_same_weights(full_state(straight / "checkpoint.pt"), full_state(tmp_path / "split" / "checkpoint.pt"))
 
 
 def test_the_cifar_recipe_fits_its_time_budget_unless_epochs_are_given():
