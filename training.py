@@ -172,10 +172,11 @@ DEFAULTS = {name: flag.default for flags in FLAGS.values() for name, flag in fla
 RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, flip=False, warmup_epochs=1.0),
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
-    # at most 33 epochs, as many as fit 50 minutes of training: the hour with room for the estimate, whose
-    # steps ran 4-16% faster than the epochs of three runs on a 2-core AMD EPYC whose speed drifted
-    # (README.md, "Results"); RandAugment with one op, ahead of two on a validation split at 20 and 30
-    # epochs (README.md, "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
+    # at most 33 epochs, as many as fit 50 minutes of training (from timed steps, then again from the first
+    # epoch): the hour with room for the evaluation and for a machine that drifts (the timed steps ran 4-16%
+    # faster than the epochs of three runs on a 2-core AMD EPYC, RESULTS.md, "CIFAR-10 within the hour");
+    # RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md, "Recipe
+    # ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
     "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
                     ema=0.999),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
@@ -277,7 +278,8 @@ def resolve_device(name):
 def autocast_dtype(amp, device):
     """The autocast dtype for --amp on this device (None: full precision). auto: bf16 on a GPU
     that supports it and on a CPU with native bf16 matmuls (AVX512-BF16 or AMX), where it trains
-    about 1.7x faster than float32 to the same accuracy (README.md, "Speed"); float32 elsewhere."""
+    about 2x faster than float32 to the same accuracy (RESULTS.md, "CIFAR-10 within the hour"); float32
+    elsewhere."""
     if amp == "auto":
         if device.type == "cuda":
             # native bf16 from Ampere (compute capability 8) on; is_bf16_supported() also counts
@@ -942,7 +944,7 @@ def refit_due(run, epoch):
 def refit_to_time_budget(run, seconds):
     """--time-budget after the first epoch, which took `seconds`: the epochs (and the schedule, its warm-up too)
     fitted again from that epoch, the whole loop over every batch where the first fit timed ten steps (on the
-    2-core CPUs of README.md's results that fit was 4-16% short, and a laptop that throttles falls further
+    2-core CPUs of README.md's results table that fit was 4-16% short, and a laptop that throttles falls further
     behind), at most the epochs asked for and at least one more. Under torchrun the slowest process's epoch
     counts. Recorded in config (time_budget_fit); returns the line that reports it."""
     config, fit = run.config, run.config["time_budget_fit"]
