@@ -540,6 +540,8 @@ def resolve_run(config, given, resume):
     for key in RESUME_OVERRIDABLE:
         if key in given or key not in saved:
             saved[key] = config[key]
+    if "epochs" in given and saved.get("time_budget_fit"):
+        saved["time_budget_fit"]["refit_pending"] = False  # the epochs given stand
     trained = checkpoint["epoch"] + (checkpoint["step"] > 0)  # epochs begun
     if saved["epochs"] < trained:
         done = (f"{checkpoint['epoch']} epochs" if trained == checkpoint["epoch"] else
@@ -914,7 +916,9 @@ def fit_to_time_budget(run):
     seconds = step_seconds(run)
     asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked)
-    config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked, epochs_from_steps=config["epochs"])
+    # refit_pending: refit_to_time_budget is still to come (a run of one epoch has none)
+    config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked, epochs_from_steps=config["epochs"],
+                                     refit_pending=config["epochs"] > 1)
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     if run.is_main:
         # where the budget cut the epochs, what the whole recipe would take here: on a slow machine (float32 on
@@ -929,37 +933,39 @@ def epochs_in_budget(budget_seconds, epoch_seconds, asked, done=0, spent=0.0):
     """The most epochs, at most `asked`, whose training fits budget_seconds where `done` epochs took `spent`
     seconds and each further one takes epoch_seconds. At least one, and after done > 0 epochs at least one
     more: a schedule cut after the fact to the epochs done would end the run at a high learning rate."""
-    fits = done + int(max(0.0, budget_seconds - spent) // epoch_seconds)
+    fits = done + int(max(0.0, budget_seconds - spent) // max(epoch_seconds, 1e-9))
     return max(done + 1, min(asked, fits))
 
 
 def refit_due(run, epoch):
-    """Whether the epoch just ended is the first of a run whose epochs the time budget fitted (and that
-    nothing has changed since: a resumed run given --epochs keeps them), with more epochs to come."""
+    """Whether `epoch` is the first of a run whose epochs the time budget fitted and is to fit again after it
+    (not where they were one, nor where a resumed run was given --epochs)."""
     fit = run.config.get("time_budget_fit")
-    return (epoch == 0 and run.config["time_budget"] > 0 and fit is not None and "first_epoch_seconds" not in fit
-            and run.config["epochs"] == fit.get("epochs_from_steps") and run.config["epochs"] > 1)
+    return epoch == 0 and fit is not None and bool(fit.get("refit_pending"))
 
 
-def refit_to_time_budget(run, seconds):
+def refit_to_time_budget(run, seconds, paced_seconds):
     """--time-budget after the first epoch, which took `seconds`: the epochs (and the schedule, its warm-up too)
-    fitted again from that epoch, the whole loop over every batch where the first fit timed ten steps (on the
-    2-core CPUs of README.md's results table that fit was 4-16% short, and a laptop that throttles falls further
-    behind), at most the epochs asked for and at least one more. Under torchrun the slowest process's epoch
-    counts. Recorded in config (time_budget_fit); returns the line that reports it."""
+    fitted again, at most the epochs asked for and at least one more, with that epoch counted as spent and the
+    others at its pace after its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace; the
+    steps before it take the run's own compile under --compile, and the first warm-up after a resume). The
+    first fit timed ten steps; whole epochs ran 4-16% slower in the budgeted runs of README.md's results table
+    on 2-core CPUs, and a laptop that throttles falls further behind. Under torchrun the slowest process's
+    times count. Recorded in config (time_budget_fit); returns the line that reports it."""
     config, fit = run.config, run.config["time_budget_fit"]
     if run.world_size > 1:
-        slowest = torch.tensor([seconds], device=run.device)
+        slowest = torch.tensor([seconds, paced_seconds], device=run.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        seconds = slowest.item()
-    config["epochs"] = epochs_in_budget(60 * config["time_budget"], seconds, fit["epochs_asked"], done=1,
-                                        spent=run.train_seconds)
-    fit["first_epoch_seconds"] = seconds
+        seconds, paced_seconds = slowest.tolist()
+    config["epochs"] = epochs_in_budget(60 * config["time_budget"], paced_seconds, fit["epochs_asked"], done=1,
+                                        spent=seconds)
+    fit.update(first_epoch_seconds=seconds, paced_epoch_seconds=paced_seconds, refit_pending=False)
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     estimate = fit["seconds_per_step"] * run.steps_per_epoch
     return (f"time budget {config['time_budget']:g} min: epoch 1 took {format_seconds(seconds)} (estimated "
-            f"{format_seconds(estimate)}) -> {config['epochs']} of {fit['epochs_asked']} epochs, about "
-            f"{format_seconds(run.train_seconds + (config['epochs'] - 1) * seconds)} of training")
+            f"{format_seconds(estimate)}), {format_seconds(paced_seconds)} at its pace after "
+            f"{BUDGET_WARMUP_STEPS} steps -> {config['epochs']} of {fit['epochs_asked']} epochs, about "
+            f"{format_seconds(seconds + (config['epochs'] - 1) * paced_seconds)} of training")
 
 
 def step_seconds(run):
@@ -1048,6 +1054,7 @@ class EpochMeter:
         self.step_losses = torch.zeros(steps_per_epoch, device=device)
         self.seen, self.seconds_before = 0, 0.0
         self.started = time.perf_counter()
+        self.steps_per_epoch, self.pace_mark = steps_per_epoch, None
 
     @classmethod
     def from_partial(cls, partial, steps_done, steps_per_epoch, device, world_size=1):
@@ -1075,6 +1082,17 @@ class EpochMeter:
 
     def seconds(self):
         return self.seconds_before + time.perf_counter() - self.started
+
+    def mark_pace(self, steps_done):
+        self.pace_mark = (steps_done, self.seconds())
+
+    def paced_epoch_seconds(self, seconds):
+        """The seconds of a whole epoch at the pace of its steps after mark_pace, from `seconds`, the epoch's
+        at its end (without the steps before the mark; the whole epoch's where nothing was marked)."""
+        if self.pace_mark is None or self.pace_mark[0] >= self.steps_per_epoch:
+            return seconds
+        steps_done, seconds_done = self.pace_mark
+        return (seconds - seconds_done) / (self.steps_per_epoch - steps_done) * self.steps_per_epoch
 
     def first_non_finite(self, steps_done):
         """The index of the first step of the first steps_done whose loss is not finite, or None."""
@@ -1155,7 +1173,7 @@ def end_epoch(run, epoch, meter, seconds):
     if run.config["eval_test_every_epoch"]:
         record["test_loss"], record["test_acc"] = evaluate_split(run, *run.test)
     # before the checkpoint, which then holds the epochs and schedule the run goes on with
-    refit = refit_to_time_budget(run, seconds) if refit_due(run, epoch) else None
+    refit = refit_to_time_budget(run, seconds, meter.paced_epoch_seconds(seconds)) if refit_due(run, epoch) else None
     with run.folder.stop.deferred():  # the epoch's files are written whole, whatever signal arrives
         # the checkpoint first: a metrics line never refers to an epoch that is not saved
         best = run.val is not None and record["val_acc"] > run.best_val_acc
@@ -1215,6 +1233,9 @@ def train(config, given, resume, folder):
             for step, (x, y) in enumerate(run.loader.epoch(epoch, start_step), start=start_step):
                 loss, correct = train_step(run, x, y, epoch * run.steps_per_epoch + step)
                 meter.add(step, loss, correct, len(y))
+                if step + 1 == start_step + BUDGET_WARMUP_STEPS and refit_due(run, epoch):
+                    synchronize(run.device)
+                    meter.mark_pace(step + 1)  # the time budget's refit reads the pace from here on
                 if not check_due(run, step):
                     continue
                 loss_sum, correct_sum, stop_now = check_step(run, meter, epoch, step)

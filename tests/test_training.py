@@ -889,16 +889,17 @@ def test_a_time_budget_cuts_the_epochs_to_what_fits_and_leaves_the_run_as_it_wou
 
 def test_a_time_budget_trains_the_epochs_whose_timed_steps_fit_it(data_dir, tmp_path, capsys, monkeypatch):
     # steps of 1 s, epochs of 6 steps (96 images, batch 16): 0.3 minutes hold 3 of the 5 epochs asked for; the
-    # first epoch takes the 6 s estimated, so the refit after it keeps them
+    # first epoch takes the 6 s estimated (its clock: 1 s per 16 images seen), so the refit after it keeps them
     monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
-    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: 6.0)
+    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: meter.seen / 16)
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "5",
                                       "--time-budget", "0.3"], capsys)
     assert code == 0, captured.err
     assert "1.000 s a step" in captured.out
     assert "-> 3 of 5 epochs, about 0:18 of training (all 5: about 0:30)" in captured.out
-    assert "epoch 1 took 0:06 (estimated 0:06) -> 3 of 5 epochs, about 0:18 of training" in captured.out
+    assert ("epoch 1 took 0:06 (estimated 0:06), 0:06 at its pace after 3 steps -> 3 of 5 epochs, about 0:18 "
+            "of training") in captured.out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in metrics] == [1, 2, 3]
     # the schedule is the 3-epoch run's: the last step's learning rate is its cosine's end, not the 5-epoch one's
@@ -912,44 +913,52 @@ def test_epochs_in_budget_fills_the_budget_within_the_epochs_asked():
         assert 1 <= first <= asked
         assert first == asked or first * epoch <= budget < (first + 1) * epoch or (first == 1 and epoch > budget)
         for done, spent in [(1, epoch), (1, 2.5 * epoch), (3, 40.0)]:
+            if done >= asked:
+                continue
             again = training.epochs_in_budget(budget, epoch, asked, done=done, spent=spent)
             # never fewer than one epoch more than done (the schedule must still run to its end), never more
             # than asked; within those, the most whose remaining epochs fit what the done ones left
-            assert done + 1 <= again <= max(asked, done + 1)
-            fits = spent + (again - done) * epoch <= budget
-            assert fits or again == done + 1
-            assert again == asked or again == done + 1 or spent + (again + 1 - done) * epoch > budget
+            assert done + 1 <= again <= asked
+            assert spent + (again - done) * epoch <= budget or again == done + 1
+            assert again == asked or spent + (again + 1 - done) * epoch > budget
 
 
-@pytest.mark.parametrize("epoch_seconds, expected", [(9.0, 2), (2.0, 5), (60.0, 2)])
-def test_the_time_budget_refits_the_epochs_to_the_first_epochs_time(data_dir, tmp_path, capsys, monkeypatch,
-                                                                   epoch_seconds, expected):
-    # the timed steps say 3 of 5 epochs fit 0.3 minutes (1 s a step, 6 steps an epoch); the first epoch then
-    # takes epoch_seconds: 9 s leave room for one more (2 in all), 2 s for all 5 asked, and 60 s, over the whole
-    # budget, still for one more, so that the learning rate decays to the schedule's end
+@pytest.mark.parametrize("budget, step, first_steps, expected", [
+    ("0.3", 1.5, 0.0, 2), ("0.3", 2 / 3, 0.0, 4), ("0.3", 0.1, 0.0, 12), ("0.3", 10.0, 0.0, 2), ("1", 1.0, 30.0, 5)])
+def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tmp_path, capsys, monkeypatch,
+                                                                    budget, step, first_steps, expected):
+    # the timed steps say 1 s a step (6 steps an epoch): 0.3 minutes hold 3 of the 12 epochs asked for, 1 minute
+    # 10. The run's clock then gives `step` seconds per 16 images seen and `first_steps` seconds before its
+    # first step (a compile, say). Epochs of 9 s leave room in 0.3 minutes for one more (2 in all), of 4 s for
+    # 3 more, of 0.6 s for all 12, and of 60 s, over the whole budget, still for one more, so that the learning
+    # rate decays to the schedule's end; 30 s before the first step count as spent, not as the pace (36 s spent
+    # and 4 epochs of 6 s in 1 minute)
     monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
-    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: epoch_seconds)
+    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: first_steps + meter.seen / 16 * step)
     saved_epochs, save = [], training.save  # the epochs in the config of each checkpoint as it is saved
     monkeypatch.setattr(training, "save", lambda run, *args, **kwargs: (saved_epochs.append(run.config["epochs"]),
                                                                          save(run, *args, **kwargs)))
     out = tmp_path / "run"
-    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "5",
-                                      "--time-budget", "0.3", "--warmup-epochs", "1"], capsys)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "12",
+                                      "--time-budget", budget, "--warmup-epochs", "1"], capsys)
     assert code == 0, captured.err
-    assert "-> 3 of 5 epochs, about 0:18 of training" in captured.out
-    total = format_seconds(expected * epoch_seconds)
-    assert (f"epoch 1 took {format_seconds(epoch_seconds)} (estimated 0:06) -> {expected} of 5 epochs, about "
-            f"{total} of training") in captured.out
+    first_fit = 3 if budget == "0.3" else 10
+    assert f"-> {first_fit} of 12 epochs" in captured.out
+    took, paced = first_steps + 6 * step, 6 * step
+    assert (f"epoch 1 took {format_seconds(took)} (estimated 0:06), {format_seconds(paced)} at its pace after 3 "
+            f"steps -> {expected} of 12 epochs, about {format_seconds(took + (expected - 1) * paced)} of "
+            f"training") in captured.out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in metrics] == list(range(1, expected + 1))
     # epoch 1 ran on the first fit's schedule, the others on the refitted one, to its end
-    first, refitted = (training.schedule_steps({"epochs": epochs, "warmup_epochs": 1}, 6) for epochs in (3, expected))
+    first, refitted = (training.schedule_steps({"epochs": epochs, "warmup_epochs": 1}, 6) for epochs in (first_fit, expected))
     assert metrics[0]["lr"] == pytest.approx(training.learning_rate(5, *first, 3e-3))
     assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(expected * 6 - 1, *refitted, 3e-3))
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == expected and json.loads((out / "final.json").read_text())["epochs"] == expected
-    assert config["time_budget_fit"] == dict(seconds_per_step=1.0, epochs_asked=5, epochs_from_steps=3,
-                                             first_epoch_seconds=epoch_seconds)
+    assert config["time_budget_fit"] == pytest.approx(dict(
+        seconds_per_step=1.0, epochs_asked=12, epochs_from_steps=first_fit, refit_pending=False,
+        first_epoch_seconds=took, paced_epoch_seconds=paced))
     # every checkpoint, the first one too, holds the refitted epochs: a run resumed from it goes on to them
     assert saved_epochs == [expected] * expected
     assert captured.out.count("epoch 1 took") == 1
@@ -959,7 +968,7 @@ def test_a_run_stopped_in_its_first_epoch_is_refitted_when_resumed_unless_given_
                                                                                         capsys, monkeypatch):
     # as above, 3 of 5 epochs from the timed steps and a first epoch of 9 s: refitted to 2 epochs
     monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
-    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: 9.0)
+    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: meter.seen / 16 * 1.5)
     common = TINY + ["--data-dir", data_dir, "--epochs", "5", "--time-budget", "0.3", "--ema", "0.9"]
     straight = tmp_path / "straight"
     assert run_main(common + ["--out-dir", str(straight)], capsys)[0] == 0
@@ -972,7 +981,8 @@ def test_a_run_stopped_in_its_first_epoch_is_refitted_when_resumed_unless_given_
                 os.kill(os.getpid(), signal.SIGINT)
         return real_cross_entropy(logits, target, **kwargs)
 
-    for name, extra, epochs in (("split", [], 2), ("given", ["--epochs", "4"], 4)):
+    # resumed with --epochs, even the number the timed steps chose, the run keeps the epochs given
+    for name, extra, epochs in (("split", [], 2), ("given", ["--epochs", "3"], 3)):
         out = tmp_path / name
         with monkeypatch.context() as patch:
             patch.setattr(training.F, "cross_entropy", loss_then_interrupt)
