@@ -951,7 +951,8 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in metrics] == list(range(1, expected + 1))
     # epoch 1 ran on the first fit's schedule, the others on the refitted one, to its end
-    first, refitted = (training.schedule_steps({"epochs": epochs, "warmup_epochs": 1}, 6) for epochs in (first_fit, expected))
+    first, refitted = (training.schedule_steps({"epochs": epochs, "warmup_epochs": 1}, 6)
+                       for epochs in (first_fit, expected))
     assert metrics[0]["lr"] == pytest.approx(training.learning_rate(5, *first, 3e-3))
     assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(expected * 6 - 1, *refitted, 3e-3))
     config = json.loads((out / "config.json").read_text())
