@@ -947,12 +947,15 @@ def refit_due(run, epoch):
 def refit_to_time_budget(run, seconds, paced_seconds):
     """--time-budget after the first epoch, which took `seconds`: the epochs (and the schedule, its warm-up too)
     fitted again, at most the epochs asked for and at least one more, with that epoch counted as spent and the
-    others at its pace after its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace; the
-    steps before it take the run's own compile under --compile, and the first warm-up after a resume). The
-    first fit timed ten steps; whole epochs ran 4-16% slower in the budgeted runs of README.md's results table
-    on 2-core CPUs, and a laptop that throttles falls further behind. Under torchrun the slowest process's
-    times count. Recorded in config (time_budget_fit); returns the line that reports it."""
+    others at its pace after its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace, or None
+    for the whole epoch's; the steps before take the run's own compile under --compile, and the first steps
+    after a resume warm up again). The first fit timed ten steps; whole epochs ran 4-16% slower in the budgeted
+    runs of README.md's results table on 2-core CPUs, and a laptop that throttles falls further behind. Under
+    torchrun the slowest process's times count. Recorded in config (time_budget_fit); returns the line that
+    reports it."""
     config, fit = run.config, run.config["time_budget_fit"]
+    paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
+    paced_seconds = paced_seconds if paced else seconds
     if run.world_size > 1:
         slowest = torch.tensor([seconds, paced_seconds], device=run.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -962,9 +965,9 @@ def refit_to_time_budget(run, seconds, paced_seconds):
     fit.update(first_epoch_seconds=seconds, paced_epoch_seconds=paced_seconds, refit_pending=False)
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     estimate = fit["seconds_per_step"] * run.steps_per_epoch
+    pace = f"; {format_seconds(paced_seconds)} at its pace after {BUDGET_WARMUP_STEPS} steps" if paced else ""
     return (f"time budget {config['time_budget']:g} min: epoch 1 took {format_seconds(seconds)} (estimated "
-            f"{format_seconds(estimate)}), {format_seconds(paced_seconds)} at its pace after "
-            f"{BUDGET_WARMUP_STEPS} steps -> {config['epochs']} of {fit['epochs_asked']} epochs, about "
+            f"{format_seconds(estimate)}{pace}) -> {config['epochs']} of {fit['epochs_asked']} epochs, about "
             f"{format_seconds(seconds + (config['epochs'] - 1) * paced_seconds)} of training")
 
 
@@ -1084,13 +1087,14 @@ class EpochMeter:
         return self.seconds_before + time.perf_counter() - self.started
 
     def mark_pace(self, steps_done):
+        """Note the seconds after steps_done steps: the steps after them set paced_epoch_seconds."""
         self.pace_mark = (steps_done, self.seconds())
 
     def paced_epoch_seconds(self, seconds):
-        """The seconds of a whole epoch at the pace of its steps after mark_pace, from `seconds`, the epoch's
-        at its end (without the steps before the mark; the whole epoch's where nothing was marked)."""
-        if self.pace_mark is None or self.pace_mark[0] >= self.steps_per_epoch:
-            return seconds
+        """A whole epoch's seconds at the pace of its steps after mark_pace, given `seconds`, the epoch's time
+        at its end; None where nothing was marked or fewer than BUDGET_TIMED_STEPS steps followed the mark."""
+        if self.pace_mark is None or self.steps_per_epoch - self.pace_mark[0] < BUDGET_TIMED_STEPS:
+            return None
         steps_done, seconds_done = self.pace_mark
         return (seconds - seconds_done) / (self.steps_per_epoch - steps_done) * self.steps_per_epoch
 

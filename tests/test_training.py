@@ -898,8 +898,8 @@ def test_a_time_budget_trains_the_epochs_whose_timed_steps_fit_it(data_dir, tmp_
     assert code == 0, captured.err
     assert "1.000 s a step" in captured.out
     assert "-> 3 of 5 epochs, about 0:18 of training (all 5: about 0:30)" in captured.out
-    assert ("epoch 1 took 0:06 (estimated 0:06), 0:06 at its pace after 3 steps -> 3 of 5 epochs, about 0:18 "
-            "of training") in captured.out
+    # 6 steps an epoch are too few to take a pace from its later steps: the whole epoch sets it
+    assert "epoch 1 took 0:06 (estimated 0:06) -> 3 of 5 epochs, about 0:18 of training" in captured.out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in metrics] == [1, 2, 3]
     # the schedule is the 3-epoch run's: the last step's learning rate is its cosine's end, not the 5-epoch one's
@@ -924,53 +924,75 @@ def test_epochs_in_budget_fills_the_budget_within_the_epochs_asked():
 
 
 @pytest.mark.parametrize("budget, step, first_steps, expected", [
-    ("0.3", 1.5, 0.0, 2), ("0.3", 2 / 3, 0.0, 4), ("0.3", 0.1, 0.0, 12), ("0.3", 10.0, 0.0, 2), ("1", 1.0, 30.0, 5)])
+    (0.3, 1.5, 0.0, 2), (0.3, 2 / 3, 0.0, 4), (0.3, 0.1, 0.0, 12), (0.3, 10.0, 0.0, 2), (1.0, 1.0, 30.0, 5)])
 def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tmp_path, capsys, monkeypatch,
                                                                     budget, step, first_steps, expected):
-    # the timed steps say 1 s a step (6 steps an epoch): 0.3 minutes hold 3 of the 12 epochs asked for, 1 minute
-    # 10. The run's clock then gives `step` seconds per 16 images seen and `first_steps` seconds before its
-    # first step (a compile, say). Epochs of 9 s leave room in 0.3 minutes for one more (2 in all), of 4 s for
-    # 3 more, of 0.6 s for all 12, and of 60 s, over the whole budget, still for one more, so that the learning
-    # rate decays to the schedule's end; 30 s before the first step count as spent, not as the pace (36 s spent
-    # and 4 epochs of 6 s in 1 minute)
-    monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
-    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: first_steps + meter.seen / 16 * step)
+    # batch 4: 24 steps an epoch. The timed steps say 0.25 s a step, 6 s an epoch: 0.3 minutes hold 3 of the 12
+    # epochs asked for, 1 minute 10. The run's clock then gives `step` seconds per 16 images seen, and
+    # `first_steps` seconds more spread over the first 3 steps (a compile, say). Epochs of 9 s leave room in 0.3
+    # minutes for one more (2 in all), of 4 s for 3 more, of 0.6 s for all 12, and of 60 s, over the whole
+    # budget, still for one more, so that the learning rate decays to the schedule's end; the 30 s of the first
+    # 3 steps count as spent, not as the pace (36 s spent and 4 epochs of 6 s in 1 minute)
+    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
+    monkeypatch.setattr(training.EpochMeter, "seconds",
+                        lambda meter: first_steps * min(meter.seen, 12) / 12 + meter.seen / 16 * step)
     saved_epochs, save = [], training.save  # the epochs in the config of each checkpoint as it is saved
     monkeypatch.setattr(training, "save", lambda run, *args, **kwargs: (saved_epochs.append(run.config["epochs"]),
                                                                          save(run, *args, **kwargs)))
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "12",
-                                      "--time-budget", budget, "--warmup-epochs", "1"], capsys)
+                                      "--time-budget", str(budget), "--warmup-epochs", "1", "--batch-size", "4"],
+                              capsys)
     assert code == 0, captured.err
-    first_fit = 3 if budget == "0.3" else 10
+    first_fit = min(12, int(60 * budget // 6))
     assert f"-> {first_fit} of 12 epochs" in captured.out
     took, paced = first_steps + 6 * step, 6 * step
-    assert (f"epoch 1 took {format_seconds(took)} (estimated 0:06), {format_seconds(paced)} at its pace after 3 "
-            f"steps -> {expected} of 12 epochs, about {format_seconds(took + (expected - 1) * paced)} of "
+    assert (f"epoch 1 took {format_seconds(took)} (estimated 0:06; {format_seconds(paced)} at its pace after 3 "
+            f"steps) -> {expected} of 12 epochs, about {format_seconds(took + (expected - 1) * paced)} of "
             f"training") in captured.out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in metrics] == list(range(1, expected + 1))
     # epoch 1 ran on the first fit's schedule, the others on the refitted one, to its end
-    first, refitted = (training.schedule_steps({"epochs": epochs, "warmup_epochs": 1}, 6)
+    first, refitted = (training.schedule_steps({"epochs": epochs, "warmup_epochs": 1}, 24)
                        for epochs in (first_fit, expected))
-    assert metrics[0]["lr"] == pytest.approx(training.learning_rate(5, *first, 3e-3))
-    assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(expected * 6 - 1, *refitted, 3e-3))
+    assert metrics[0]["lr"] == pytest.approx(training.learning_rate(23, *first, 3e-3))
+    assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(expected * 24 - 1, *refitted, 3e-3))
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == expected and json.loads((out / "final.json").read_text())["epochs"] == expected
     assert config["time_budget_fit"] == pytest.approx(dict(
-        seconds_per_step=1.0, epochs_asked=12, epochs_from_steps=first_fit, refit_pending=False,
+        seconds_per_step=0.25, epochs_asked=12, epochs_from_steps=first_fit, refit_pending=False,
         first_epoch_seconds=took, paced_epoch_seconds=paced))
     # every checkpoint, the first one too, holds the refitted epochs: a run resumed from it goes on to them
     assert saved_epochs == [expected] * expected
     assert captured.out.count("epoch 1 took") == 1
 
 
+def test_the_pace_of_an_epoch_is_that_of_its_steps_after_the_mark(monkeypatch):
+    # an epoch of 24 steps resumed after 3 of them (30 s); 7 s pass before the mark after 3 more steps,
+    # 36 s over the 18 after it: 2 s a step, 48 s an epoch at that pace; 73 s for the whole epoch
+    clock = iter([100.0, 107.0, 143.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    partial = dict(sums=[0.0, 0.0], step_losses=[0.0] * 3, seen=12, seconds=30.0)
+    meter = training.EpochMeter.from_partial(partial, 3, 24, torch.device("cpu"))
+    meter.mark_pace(6)
+    seconds = meter.seconds()
+    assert seconds == pytest.approx(73.0)
+    assert meter.paced_epoch_seconds(seconds) == pytest.approx(48.0)
+    monkeypatch.undo()
+    # too few steps after the mark to take a pace from, or no mark: none
+    late = training.EpochMeter(24, torch.device("cpu"))
+    late.pace_mark = (24 - training.BUDGET_TIMED_STEPS + 1, 10.0)
+    assert late.paced_epoch_seconds(20.0) is None and training.EpochMeter(24, "cpu").paced_epoch_seconds(5.0) is None
+
+
 def test_a_run_stopped_in_its_first_epoch_is_refitted_when_resumed_unless_given_epochs(data_dir, tmp_path,
                                                                                         capsys, monkeypatch):
-    # as above, 3 of 5 epochs from the timed steps and a first epoch of 9 s: refitted to 2 epochs
-    monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
+    # as above, 3 of 5 epochs from the timed steps and a first epoch of 9 s: refitted to 2 epochs; the resumed
+    # epoch takes its pace from its steps after its own first 3
+    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
     monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: meter.seen / 16 * 1.5)
-    common = TINY + ["--data-dir", data_dir, "--epochs", "5", "--time-budget", "0.3", "--ema", "0.9"]
+    common = TINY + ["--data-dir", data_dir, "--epochs", "5", "--time-budget", "0.3", "--ema", "0.9",
+                     "--batch-size", "4"]
     straight = tmp_path / "straight"
     assert run_main(common + ["--out-dir", str(straight)], capsys)[0] == 0
     real_cross_entropy, calls = training.F.cross_entropy, []
@@ -992,7 +1014,7 @@ def test_a_run_stopped_in_its_first_epoch_is_refitted_when_resumed_unless_given_
         code, captured = run_main(["--resume", "--out-dir", str(out), *extra], capsys)
         assert code == 0, captured.err
         assert json.loads((out / "final.json").read_text())["epochs"] == epochs
-        assert ("epoch 1 took 0:09" in captured.out) == (not extra)
+        assert ("epoch 1 took 0:09 (estimated 0:06; 0:09 at its pace" in captured.out) == (not extra)
     # the refit in the resumed run is the uninterrupted run's
     assert_same_weights(full_state(straight / "checkpoint.pt"), full_state(tmp_path / "split" / "checkpoint.pt"))
 
