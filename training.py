@@ -44,8 +44,8 @@ from data import (DATASET_ALIASES, DATASETS, POLICY_OPS, Augment, DeviceLoader, 
                   folder_classes, load_dataset, seeded_choice, split_train_val)
 from mlstm import CONV_KINDS, MLSTM_FORMS
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
-from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_sum, atomic_write, autocast,
-                   cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
+from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
+                   autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
                    learning_rate, load_checkpoint, plot_curves, save_checkpoint, save_json, setup_distributed,
                    stop_requests)
 
@@ -955,11 +955,7 @@ def refit_to_time_budget(run, seconds, paced_seconds):
     reports it."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
-    paced_seconds = paced_seconds if paced else seconds
-    if run.world_size > 1:
-        slowest = torch.tensor([seconds, paced_seconds], device=run.device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        seconds, paced_seconds = slowest.tolist()
+    seconds, paced_seconds = all_reduce_max([seconds, paced_seconds if paced else seconds], run.device)
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], paced_seconds, fit["epochs_asked"], done=1,
                                         spent=seconds)
     fit.update(first_epoch_seconds=seconds, paced_epoch_seconds=paced_seconds, refit_pending=False)
@@ -990,12 +986,7 @@ def step_seconds(run):
             started = time.perf_counter()
         train_step(probe, *next(batches), step)
     synchronize(run.device)
-    seconds = (time.perf_counter() - started) / BUDGET_TIMED_STEPS
-    if run.world_size > 1:
-        slowest = torch.tensor([seconds], device=run.device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        seconds = slowest.item()
-    return seconds
+    return all_reduce_max([(time.perf_counter() - started) / BUDGET_TIMED_STEPS], run.device)[0]
 
 
 def synchronize(device):

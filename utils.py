@@ -138,10 +138,19 @@ def setup_distributed(device_name):
 
 def all_reduce_sum(values, device):
     """Sum a list of floats over all processes (identity for one process)."""
+    return _all_reduce(values, device, "SUM")
+
+
+def all_reduce_max(values, device):
+    """The largest of each float in a list over all processes (identity for one process)."""
+    return _all_reduce(values, device, "MAX")
+
+
+def _all_reduce(values, device, op):
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.tolist()
 
 
