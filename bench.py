@@ -14,12 +14,12 @@ the cost of the three mLSTM forms as the sequence grows, and the speed of the da
 
 Training throughput is one optimisation step as training.py takes it (autocast forward,
 cross-entropy with label smoothing 0.1 on float32 logits, zero_grad, backward, gradient clipping to
-norm 1.0, AdamW step; AdamW fused on CUDA) on random 32x32 images and labels, in images/s. Each row
-pair (a preset and its ViT, same dtype, compile mode and batch) is timed in turns within one fresh
-process: one ViL step, one ViT step, and so on, each step a window of its own (synchronised on
-CUDA), warm-up turns excluded. The table shows each model's median and range over its windows and
-the ratio of the two medians, so that a shared machine's drift touches both models alike.
-Peak memory is measured apart, in a short pass per model in a fresh process of its own (one
+norm 1.0, AdamW step; AdamW fused on CUDA; not the weight EMA that a recipe may add after it) on random
+32x32 images and labels, in images/s. Each row pair (a preset and its ViT, same dtype, compile mode and
+batch) is timed in turns within one fresh process: one ViL step, one ViT step, and so on, each step a
+window of its own (synchronised on CUDA), warm-up turns excluded. The table shows each model's median
+and range over its windows and the ratio of the two medians, so that a shared machine's drift touches
+both models alike. Peak memory is measured apart, in a short pass per model in a fresh process of its own (one
 warm-up step, then one step, so that gradients and AdamW state exist), so that it stays each
 model's own: on CUDA torch.cuda.max_memory_allocated, on CPU the peak resident set size of the
 process (getrusage maxrss, which includes the Python + torch runtime: the header prints that
@@ -66,7 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
-from utils import AUTOCAST_DTYPES, autocast, keep_freed_memory
+from utils import AUTOCAST_DTYPES, autocast, keep_freed_memory, synchronize
 
 DTYPES = ("fp32", "bf16")  # plain fp32, or bf16 autocast (utils.AUTOCAST_DTYPES)
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
@@ -175,11 +175,6 @@ def model_label(spec):
 
 # ----------------------------------------------------------------------------- measuring
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_in_turns(fns, steps, warmup, device):
     """Calls the functions of the dict fns one after the other, turn after turn: warmup untimed
     turns, then steps turns in which each call is timed alone -> {name: list of seconds}."""
@@ -235,7 +230,8 @@ def counted_flops(model, device):
 
 
 def make_train_step(model, batch_size, dtype, device):
-    """A closure doing one training step as training.py does, on a fixed random batch."""
+    """A closure doing one training step as training.py does (without its weight EMA, and with weight decay on
+    every parameter and a constant learning rate, which cost the same), on a fixed random batch."""
     x = torch.randn(batch_size, IN_CHANS, IMG_SIZE, IMG_SIZE, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     params = list(model.parameters())
@@ -539,7 +535,7 @@ def block_table(args, device):
 
 
 def profile_table(args, device):
-    """Top ops by self time of one training step of each preset and of its ViT."""
+    """Top ops by self time, summed over args.steps training steps, of each preset and of its ViT."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for preset in args.model:
@@ -548,9 +544,11 @@ def profile_table(args, device):
             step = make_train_step(model, args.batch_size, args.dtype, device)
             timed_windows(step, 0, args.warmup, device)
             with profile(activities=activities) as profiler:
-                step()
+                for _ in range(args.steps):
+                    step()
                 synchronize(device)
-            print(f"## Profile of one training step: {model_label(spec)}, batch {args.batch_size}, "
+            print(f"## Profile of {args.steps} training step(s), times summed: {model_label(spec)}, "
+                  f"batch {args.batch_size}, "
                   f"{args.dtype}, {hardware_line(device)}\n")
             print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
 
@@ -570,8 +568,9 @@ def parse_args(argv=None):
     # the options of every subcommand
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--steps", type=at_least(1), default=10, help="timed steps (windows) per measurement")
-    common.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps before them")
+    common.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first")
+    timed = argparse.ArgumentParser(add_help=False)  # of the subcommands that time steps
+    timed.add_argument("--steps", type=at_least(1), default=10, help="timed steps (windows) per measurement")
     # the options of the subcommands that build presets
     presets = argparse.ArgumentParser(add_help=False)
     presets.add_argument("--model", nargs="+", choices=list(PRESETS), default=["vil-t"], metavar="PRESET",
@@ -582,21 +581,21 @@ def parse_args(argv=None):
     dtype = dict(choices=DTYPES, default="fp32", help="plain fp32 or bf16 autocast")
 
     commands = parser.add_subparsers(dest="command", title="subcommands")
-    train_command = commands.add_parser("train", parents=[common, presets],
+    train_command = commands.add_parser("train", parents=[common, timed, presets],
                                         help="training throughput and peak memory of each preset beside its ViT")
     train_command.add_argument("--dtypes", **dtypes)
     train_command.add_argument("--compile", action=argparse.BooleanOptionalAction,
                                help="also measure torch.compile'd models (default: yes on CUDA, no on CPU)")
     train_command.set_defaults(table=training_table)
-    block_command = commands.add_parser("block", parents=[common, presets],
+    block_command = commands.add_parser("block", parents=[common, timed, presets],
                                         help="one pair of ViL blocks beside one ViT block, forward + backward")
     block_command.add_argument("--dtype", **dtype)
     block_command.set_defaults(table=block_table)
-    forms_command = commands.add_parser("forms", parents=[common],
+    forms_command = commands.add_parser("forms", parents=[common, timed],
                                         help="parallel / chunkwise / recurrent mLSTM against the sequence length")
     forms_command.add_argument("--dtypes", **dtypes)
     forms_command.set_defaults(table=forms_table)
-    data_command = commands.add_parser("data", parents=[common],
+    data_command = commands.add_parser("data", parents=[common, timed],
                                        help=f"DeviceLoader images/s, every augmentation on, against {DATA_MODEL} "
                                             "training")
     data_command.add_argument("--dtype", choices=DTYPES,
@@ -605,8 +604,9 @@ def parse_args(argv=None):
                               help=f"torch.compile the {DATA_MODEL} training (default: yes on CUDA, no on CPU)")
     data_command.set_defaults(table=data_table)
     profile_command = commands.add_parser("profile", parents=[common, presets],
-                                          help="top ops of one training step of each preset and of its ViT")
+                                          help="top ops of training steps of each preset and of its ViT")
     profile_command.add_argument("--dtype", **dtype)
+    profile_command.add_argument("--steps", type=at_least(1), default=1, help="training steps profiled")
     profile_command.set_defaults(table=profile_table)
 
     args = parser.parse_args(argv)

@@ -66,7 +66,8 @@ DATASETS = {
     "fashion-mnist": DatasetInfo(10, 1, (0.2860,), (0.3530,), digits=False, padded=True),
     "cifar10": DatasetInfo(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), digits=False),
     "cifar100": DatasetInfo(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), digits=False),
-    # your own images: mean/std 0.5 unless you compute them with channel_mean_std
+    # your own images: training.py normalises them by their own statistics (channel_mean_std); 0.5 is a
+    # neutral placeholder for other code that reads this table
     "folder": DatasetInfo(0, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), digits=False),
 }
 DATASET_ALIASES = {"cifar": "cifar10"}
@@ -139,6 +140,9 @@ def channel_mean_std(images):
 # -----------------------------------------------------------------------------
 # Augmentation, on whole batches on the device
 
+POLICIES = ("none", "randaugment", "trivialaugment")  # of Augment.policy
+
+
 @dataclass(frozen=True)
 class Augment:
     """Training-time augmentation; each switch off by default, so Augment() changes nothing."""
@@ -150,15 +154,14 @@ class Augment:
     erasing_prob: float = 0.0       # probability of erasing one random rectangle (2%-33% of the image) to the mean
     mixup_alpha: float = 0.0        # Beta(alpha, alpha) mixing with another image of the batch; 0 = off
     cutmix_alpha: float = 0.0       # Beta(alpha, alpha) box pasted from another image; 0 = off
-    mix_prob: float = 1.0           # probability that an image is mixed when mixup or cutmix is on
 
     def __post_init__(self):
-        if self.policy not in ("none", "randaugment", "trivialaugment"):
-            raise ValueError(f"unknown augmentation policy {self.policy!r}: none, randaugment or trivialaugment")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown augmentation policy {self.policy!r}: {', '.join(POLICIES)}")
         # each a condition that holds: NaN fails every comparison, so it is refused too
         holds = {"crop_padding >= 0": self.crop_padding >= 0, "policy_ops >= 1": self.policy_ops >= 1,
                  "0 <= policy_magnitude <= 30": 0 <= self.policy_magnitude <= 30,
-                 "0 <= erasing_prob <= 1": 0 <= self.erasing_prob <= 1, "0 <= mix_prob <= 1": 0 <= self.mix_prob <= 1,
+                 "0 <= erasing_prob <= 1": 0 <= self.erasing_prob <= 1,
                  "mixup_alpha finite, >= 0": 0 <= self.mixup_alpha < math.inf,
                  "cutmix_alpha finite, >= 0": 0 <= self.cutmix_alpha < math.inf}
         broken = [condition for condition, held in holds.items() if not held]
@@ -339,14 +342,12 @@ def _mix(x, y, augment, num_classes, generator, rng):
     target = F.one_hot(y, num_classes).to(x.dtype)
     use_cutmix = torch.from_numpy(rng.random(B) < (0.5 if augment.mixup_alpha > 0 else 1.0)) \
         if augment.cutmix_alpha > 0 else torch.zeros(B, dtype=torch.bool)
-    mixed = torch.from_numpy(rng.random(B) < augment.mix_prob)
     lam = torch.ones(B, dtype=torch.float64)
     if augment.mixup_alpha > 0:
         lam = torch.where(~use_cutmix, torch.from_numpy(rng.beta(augment.mixup_alpha, augment.mixup_alpha, B)), lam)
     if augment.cutmix_alpha > 0:
         lam = torch.where(use_cutmix, torch.from_numpy(rng.beta(augment.cutmix_alpha, augment.cutmix_alpha, B)), lam)
-    lam = _to_device(torch.where(mixed, lam, torch.ones_like(lam)).float(), device)
-    use_cutmix = _to_device(use_cutmix & mixed, device)
+    lam, use_cutmix = _to_device(lam.float(), device), _to_device(use_cutmix, device)
     # cutmix: a box of area 1 - lam, square in relative units, from the partner; lam becomes the area kept
     box = _boxes(B, H, W, (1 - lam).clamp_min(0), torch.ones_like(lam), generator, device) & use_cutmix.view(-1, 1, 1, 1)
     lam = torch.where(use_cutmix, 1 - box.float().mean(dim=(1, 2, 3)), lam)
@@ -662,7 +663,7 @@ def verification_cache_path(root):
 @contextlib.contextmanager
 def _data_root_lock(root):
     """Hold an exclusive lock (flock) on the data root folder while its files are fetched and checked.
-    Processes that share a root (torchrun's, which all load the data, or two runs started together)
+    Runs that share a root (two started together, say; within one torchrun run process 0 loads first)
     then download and md5 each file once, one after the other, instead of removing each other's
     temporary files; a process that waits finds the files in place and already checked. A read-only
     root, a filesystem without flock, or Windows go without it."""

@@ -374,6 +374,13 @@ class ParallelMLSTM(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None
 
 
+def factors_decay_matrix(device_type, dtypes, compiling):
+    """Whether parallel_mlstm factors the decay matrix (on the rows whose gates allow it; the docstrings of
+    parallel_mlstm and ParallelMLSTM say why not elsewhere): on a CPU, not under torch.compile, and not where
+    q, k or their matmuls are float16 (dtypes), whose range (largest 65504) the factors, up to e^30, exceed."""
+    return device_type == "cpu" and not compiling and torch.float16 not in dtypes
+
+
 def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     """The quadratic form (module docstring, part 2): all S x S token pairs at once. O(S^2 DH) time,
     O(S^2) memory per head.
@@ -387,10 +394,8 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     compiler fuses their elementwise passes itself), and every row whose matmuls run in float16.
     """
     gate_dtype = _gate_dtype(q)
-    # the factors reach e^30, beyond float16 (largest 65504): where q, k or their matmuls are float16 (float16
-    # autocast) every row takes the segment sums
-    factor = (q.device.type == "cpu" and not torch.compiler.is_compiling()
-              and torch.float16 not in (q.dtype, k.dtype, _matmul_dtype(q, k)))
+    factor = factors_decay_matrix(q.device.type, (q.dtype, k.dtype, _matmul_dtype(q, k)),
+                                  torch.compiler.is_compiling())
     return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), fgate.to(gate_dtype), eps, factor).to(q.dtype)
 
 
@@ -481,7 +486,6 @@ class BlockDiagonalLinear(nn.Module):
         super().__init__()
         if width % block_size:
             raise ValueError(f"width {width} is not a multiple of the block size {block_size}")
-        self.block_size = block_size
         self.weight = nn.Parameter(torch.empty(width // block_size, block_size, block_size))  # (blocks, out, in)
         self.bias = nn.Parameter(torch.zeros(width)) if bias else None
 

@@ -4,7 +4,7 @@ docstring, parts 1 to 4); around them, with C image channels and D the model wid
 
     x = Conv2d(C -> D, kernel = stride = patch_size)(image)    S = rows * cols tokens, row-major
     x = x + pos_embed          learnable, one per patch, no class token; trunc-normal std 0.02
-    x = block_i(x), i < depth  even blocks read from the top-left patch, odd ones from the bottom-right;
+    x = block_i(x), i < depth  blocks 0, 2, ... read from the top-left patch, 1, 3, ... from the bottom-right;
                                drop-path rate linear from 0 (first block) to drop_path (last)
     x = LayerNorm(x)           eps 1e-6
     pooled = [x_first, x_last]        "bilateral_concat" (ViL v2), 2 D wide

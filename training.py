@@ -4,7 +4,7 @@ Train and evaluate a Vision-LSTM (ViL) classifier on a small image dataset.
 One device (a GPU when present, else the CPU):
     python training.py --dataset mnist
     python training.py --dataset cifar
-    python training.py --dataset cifar --model vil-t --epochs 200 --mixup 0.8 --cutmix 1.0
+    python training.py --dataset cifar --model vil-t --epochs 300 --mixup 0.8 --cutmix 1.0 --drop-path 0.1
 Several GPUs on one machine (DistributedDataParallel, --batch-size is the global batch):
     torchrun --standalone --nproc_per_node=4 training.py --dataset cifar
 Continue an interrupted run, or evaluate a saved model on the test set:
@@ -40,14 +40,14 @@ try:
 except ImportError:  # Windows: run folders are not locked there
     fcntl = None
 
-from data import (DATASET_ALIASES, DATASETS, POLICY_OPS, Augment, DeviceLoader, channel_mean_std,
+from data import (DATASET_ALIASES, DATASETS, POLICIES, POLICY_OPS, Augment, DeviceLoader, channel_mean_std,
                   folder_classes, load_dataset, seeded_choice, split_train_val)
-from mlstm import CONV_KINDS, MLSTM_FORMS
+from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
                    autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
                    learning_rate, load_checkpoint, plot_curves, save_checkpoint, save_json, setup_distributed,
-                   stop_requests)
+                   stop_requests, synchronize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ FLAGS = {
     "augmentation": dict(  # on the training device, per sample
         crop_padding=Flag(4, int, "[0, 64]", "random translation by up to this many pixels (0: off)"),
         flip=Flag(True, bool, None, "random horizontal flip (never for digits)"),
-        policy=Flag("none", str, ("none", "randaugment", "trivialaugment"),
+        policy=Flag("none", str, POLICIES,
                     "randaugment: --policy-ops operations per image; trivialaugment: one"),
         policy_ops=Flag(2, int, f"[1, {len(POLICY_OPS)}]", "operations per image for randaugment"),
         policy_magnitude=Flag(9.0, float, "[0, 30]", "their strength on the 0..30 scale (trivialaugment "
@@ -670,24 +670,33 @@ def available_memory(device):
         return None
 
 
-def parallel_form_bytes(model_config, batch_size, training):
-    """About the memory the parallel mLSTM form's S x S float32 matrices take at once for a batch:
-    in training every block keeps two (the scores and the decay) for its backward and about three
-    more exist at a time; in evaluation about three. A lower bound of what a step needs; 0 for the
-    chunkwise and recurrent forms."""
+def parallel_form_bytes(model_config, batch_size, training, device_type="cpu", dtype=None, compiled=False):
+    """About the memory the parallel mLSTM form's S x S matrices take at once for a batch: about three
+    float32 ones exist at a time, and in training every block keeps, for its backward, its scores in the
+    matmuls' dtype where the form factors its decay matrix (mlstm.factors_decay_matrix: on a CPU, not
+    compiled, not float16), else its scores and decay matrix in float32. dtype: the autocast dtype (None:
+    float32). What the S x S matrices alone need, not all of a step's memory; 0 for the chunkwise and
+    recurrent forms."""
     if model_config.mlstm_form != "parallel":
         return 0
     rows, cols = model_config.patch_grid
-    matrices = batch_size * model_config.num_heads * (rows * cols) ** 2 * 4  # float32 each
-    return matrices * (2 * model_config.depth + 3 if training else 3)
+    entries = batch_size * model_config.num_heads * (rows * cols) ** 2  # of one S x S matrix
+    transient = 3 * entries * 4
+    if not training:
+        return transient
+    matmul_dtype = dtype or torch.float32
+    kept = (entries * matmul_dtype.itemsize if factors_decay_matrix(device_type, (matmul_dtype,), compiled)
+            else 2 * entries * 4)
+    return transient + model_config.depth * kept
 
 
-def check_parallel_form_memory(model_config, device, train_batch_size=None):
+def check_parallel_form_memory(model_config, device, train_batch_size=None, dtype=None, compiled=False):
     """Refuse a model whose parallel form cannot fit: its S x S matrices alone, in training at
-    train_batch_size images per process (None: evaluation only) or in evaluation, need more
-    memory than the device has free. Out of memory on the first step says less."""
+    train_batch_size images per process (None: evaluation only) under autocast dtype (None: float32), or
+    in evaluation, need more memory than the device has free. Out of memory on the first step says less."""
     evaluation = parallel_form_bytes(model_config, EVAL_BATCH_SIZE, training=False)
-    training = parallel_form_bytes(model_config, train_batch_size, training=True) if train_batch_size else 0
+    training = (parallel_form_bytes(model_config, train_batch_size, True, device.type, dtype, compiled)
+                if train_batch_size else 0)
     free = available_memory(device)
     if free is None or max(evaluation, training) <= free:
         return
@@ -854,7 +863,8 @@ def setup_run(config, given, resume, folder):
     # model, optimiser, schedule; the same initial weights on every process
     torch.manual_seed(config["seed"])
     raw_model = build_model(config, num_classes, train_images.shape[1], (height, width)).to(device)
-    check_parallel_form_memory(raw_model.config, device, config["batch_size"] // world_size)
+    check_parallel_form_memory(raw_model.config, device, config["batch_size"] // world_size, dtype,
+                               config["compile"])
     config["model_config"] = dataclasses.asdict(raw_model.config)
     config["num_classes"] = num_classes
     optimizer, scaler, ema = training_state(raw_model, config, device, dtype)
@@ -949,10 +959,10 @@ def refit_to_time_budget(run, seconds, paced_seconds):
     fitted again, at most the epochs asked for and at least one more, with that epoch counted as spent and the
     others at its pace after its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace, or None
     for the whole epoch's; the steps before take the run's own compile under --compile, and the first steps
-    after a resume warm up again). The first fit timed ten steps; whole epochs ran 4-16% slower in the budgeted
-    runs of README.md's results table on 2-core CPUs, and a laptop that throttles falls further behind. Under
-    torchrun the slowest process's times count. Recorded in config (time_budget_fit); returns the line that
-    reports it."""
+    after a resume warm up again). The first fit timed ten steps; whole epochs ran 4-16% slower in four of the
+    five budgeted runs of README.md's results table on 2-core CPUs (8% faster in the fifth), and a laptop that
+    throttles falls further behind. Under torchrun the slowest process's times count. Recorded in config
+    (time_budget_fit); returns the line that reports it."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
     seconds, paced_seconds = all_reduce_max([seconds, paced_seconds if paced else seconds], run.device)
@@ -987,11 +997,6 @@ def step_seconds(run):
         train_step(probe, *next(batches), step)
     synchronize(run.device)
     return all_reduce_max([(time.perf_counter() - started) / BUDGET_TIMED_STEPS], run.device)[0]
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def announce(run):
@@ -1264,6 +1269,7 @@ def epoch_summary(record, epochs):
 
 # what --eval-only reads from a checkpoint's configuration
 EVAL_KEYS = ("dataset", "data_dir", "image_size", "amp", "flip", "model_config", "num_classes", "mean", "std")
+EVAL_OVERRIDABLE = ("data_dir", "amp", "tta", "device")  # what --eval-only takes from the command line
 
 
 def evaluate_checkpoint(path, given):
@@ -1273,7 +1279,11 @@ def evaluate_checkpoint(path, given):
         raise UserError("--eval-only needs --checkpoint PATH (a checkpoint.pt or best.pt of a run)")
     checkpoint = load_checkpoint(path)
     config = saved_config(checkpoint, path, EVAL_KEYS)
-    for key in ("data_dir", "amp", "tta"):
+    ignored = sorted(key for key in given if key not in EVAL_OVERRIDABLE and config.get(key) != given[key])
+    if ignored:
+        print(f"note: --eval-only uses the checkpoint's saved configuration; ignoring "
+              f"{', '.join('--' + key.replace('_', '-') for key in ignored)}")
+    for key in EVAL_OVERRIDABLE:
         if key in given:
             config[key] = given[key]
     device = torch.device(resolve_device(given.get("device")))

@@ -257,6 +257,12 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+def synchronize(device):
+    """Wait for the work queued on a GPU (timing it); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def learning_rate(step, total_steps, warmup_steps, base_lr):
     """Linear warm-up from 0 to base_lr over warmup_steps, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:

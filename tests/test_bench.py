@@ -1,8 +1,8 @@
 """Properties of bench.py: the ViT yardstick counts its own FLOPs as torch counts them and matches
 a preset's width and half its depth; timing in turns alternates the functions and times each call
 alone; the training step clips as training.py does; "% of peak" is 3 x forward FLOPs x img/s over
-the peak; the training table and the block table time what they say; each subcommand takes only its
-options."""
+the peak; the training table and the block table time what they say, and the profile the steps asked for; each
+subcommand takes only its options."""
 
 import argparse
 import math
@@ -137,3 +137,21 @@ def test_each_subcommand_takes_only_its_options(capsys):
     with pytest.raises(SystemExit) as exit_info:  # no subcommand: the help, and nothing run
         bench.parse_args([])
     assert exit_info.value.code == 2 and "subcommands" in capsys.readouterr().out
+
+
+def test_profile_profiles_the_steps_asked_for_after_the_warmup(capsys, monkeypatch):
+    calls = []
+    make_step = bench.make_train_step
+
+    def counted_step(model, *args):
+        step = make_step(model, *args)
+        return lambda: (calls.append(type(model).__name__), step())
+
+    monkeypatch.setattr(bench, "make_train_step", counted_step)
+    args = bench.parse_args(["profile", "--model", "vil-1m", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                             "--device", "cpu"])
+    assert bench.parse_args(["profile"]).steps == 1 and bench.parse_args(["train"]).steps == 10
+    args.table(args, torch.device("cpu"))
+    assert calls == ["VisionLSTM"] * 3 + ["ViT"] * 3
+    out = capsys.readouterr().out
+    assert out.count("## Profile of 2 training step(s)") == 2 and "aten::" in out

@@ -1,5 +1,5 @@
 """Properties of the three mLSTM forms in mlstm.py: they compute the recurrence of mlstm.py's
-module docstring, part 1 (checked against a naive float64 loop written here), stay finite at
+module docstring, part 1 (checked against the naive float64 loop of tests/helpers.py), stay finite at
 extreme gates, have correct gradients, and the chunkwise form needs memory linear in S."""
 
 import functools

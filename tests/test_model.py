@@ -288,6 +288,10 @@ def test_initialisation_follows_the_published_models():
     assert abs(model.head.weight.std().item() - 2e-5) < 0.2 * 2e-5 and torch.all(model.head.bias == 0)
     assert 0.015 < model.pos_embed.std().item() < 0.025
     assert model.norm.eps == 1e-6
+    # down_proj_init="fixed": the down-projection std divided by the number of blocks, 2 / (depth sqrt(D))
+    fixed = create_model("vil-1m", num_classes=10, img_size=32, dim=64, depth=4, down_proj_init="fixed")
+    for block in fixed.blocks:
+        assert abs(block.layer.proj_down.weight.std().item() - 2 / (4 * dim ** 0.5)) < 0.1 * 2 / (4 * dim ** 0.5)
 
 
 @pytest.mark.parametrize("pooling", ["bilateral_concat", "bilateral_avg"])

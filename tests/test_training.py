@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import mlstm
 import training
 from helpers import TINY, run_main, write_folder_dataset
 from utils import format_seconds
@@ -171,7 +172,13 @@ def test_eval_only_rebuilds_the_model_from_the_checkpoint_and_matches_the_run(da
     final = json.loads((out / "final.json").read_text())
     result = json.loads((out / "eval-checkpoint.json").read_text())
     assert result["test_acc"] == pytest.approx(final["test_acc"])
-    assert f"{100 * final['test_acc']:.2f}%" in captured.out
+    assert f"{100 * final['test_acc']:.2f}%" in captured.out and "note:" not in captured.out
+    # settings of a run have no say in its evaluation: named, and the result is the same
+    code, captured = run_main(["--eval-only", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", data_dir,
+                               "--batch-size", "3", "--drop-path", "0.5"], capsys)
+    assert code == 0, captured.err
+    assert "ignoring --batch-size, --drop-path" in captured.out
+    assert json.loads((out / "eval-checkpoint.json").read_text())["test_acc"] == result["test_acc"]
 
 
 def test_checkpoint_without_eval_only_and_eval_only_with_resume_are_refused(trained_run, capsys):
@@ -843,9 +850,33 @@ def test_a_parallel_form_that_cannot_fit_in_memory_is_refused_before_training(da
     # the S x S matrices grow as S^2: 128-px images in patches of 4 (S = 1024) against 32-px ones (S = 64)
     small, large = (training.ViLConfig(img_size=size, patch_size=4) for size in (32, 128))
     assert training.parallel_form_bytes(large, 256, True) == 256 * training.parallel_form_bytes(small, 256, True)
-    assert training.parallel_form_bytes(large, 256, True) > 32 * 2**30
+    assert training.parallel_form_bytes(large, 256, True) > 24 * 2**30  # more than this 24-GiB machine has
     chunkwise = training.ViLConfig(img_size=128, patch_size=4, mlstm_form="chunkwise")
     training.check_parallel_form_memory(chunkwise, torch.device("cpu"), 256)  # linear in S: not refused
+
+
+@pytest.mark.parametrize("dtype, factored", [(None, True), (torch.bfloat16, True), (None, False)],
+                         ids=["float32", "bf16", "segment-sums"])
+def test_the_memory_check_counts_the_s_by_s_matrices_a_training_step_keeps(dtype, factored, monkeypatch):
+    # the form factors its decay matrix on a CPU unless compiled (or float16); the segment sums are what a GPU
+    # or a compiled model runs, here forced on the CPU
+    if not factored:
+        monkeypatch.setattr(mlstm, "factors_decay_matrix", lambda *args: False)
+    config = training.ViLConfig(img_size=16, patch_size=2, dim=24, depth=3, num_heads=2)  # S = 64, DH = 24
+    seq_len = 64
+    model, images = training.VisionLSTM(config), torch.randn(4, 3, 16, 16)
+    kept = {}
+
+    def pack(tensor):
+        if tensor.dim() >= 2 and tuple(tensor.shape[-2:]) == (seq_len, seq_len):
+            kept[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
+        model(images).float().sum()
+    estimate = training.parallel_form_bytes(config, 4, True, "cpu", dtype, compiled=not factored)
+    assert estimate - training.parallel_form_bytes(config, 4, False) == sum(kept.values()) > 0
 
 
 def test_float32_matmuls_use_tf32_on_a_gpu_only():
