@@ -53,6 +53,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -66,7 +67,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
-from utils import AUTOCAST_DTYPES, autocast, keep_freed_memory, synchronize
+from utils import AUTOCAST_DTYPES, autocast, keep_freed_memory, out_of_memory, synchronize
 
 DTYPES = ("fp32", "bf16")  # plain fp32, or bf16 autocast (utils.AUTOCAST_DTYPES)
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
@@ -614,7 +615,13 @@ def parse_args(argv=None):
         parser.print_help()
         parser.exit(2)
     command = commands.choices[args.command]
-    on_cuda = args.device.startswith("cuda")
+    try:
+        device_type = torch.device(args.device).type
+    except RuntimeError:
+        command.error(f"unknown --device {args.device!r}: use cpu, cuda or cuda:N")
+    if device_type not in ("cpu", "cuda"):
+        command.error(f"--device {args.device!r} is not supported: use cpu or cuda")
+    on_cuda = device_type == "cuda"
     if on_cuda and not torch.cuda.is_available():
         command.error("--device cuda asked for but torch sees no CUDA device; use --device cpu")
     if args.command in ("train", "forms"):
@@ -633,7 +640,14 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     keep_freed_memory()  # as training.py does
-    args.table(args, torch.device(args.device))
+    try:
+        args.table(args, torch.device(args.device))
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted")  # exit status 1; the rows printed so far stand
+    except (MemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
+        sys.exit(f"error: out of memory ({str(error).splitlines()[0][:160]}); use a smaller --batch-size")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,18 @@ def load_dataset(name, root="./data", train=True, image_size=32):
     Missing files are downloaded into root; every file is md5-checked once (see _verify)."""
     name = DATASET_ALIASES.get(name, name)
     if name == "folder":
-        return load_image_folder(os.path.join(root, "train" if train else "test"), image_size,
-                                 classes=_class_names(os.path.join(root, "train")))
+        classes = _class_names(os.path.join(root, "train"))
+        folder = os.path.join(root, "train" if train else "test")
+        images, labels = load_image_folder(folder, image_size, classes=classes)
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+        empty = [cls for cls, count in zip(classes, counts) if count == 0]
+        if empty and train:  # a class with no images would be trained as one that never occurs
+            raise DataError(f"{folder}: the class folder(s) {', '.join(empty)} hold no images "
+                            f"({', '.join(IMAGE_SUFFIXES)}); add images or remove the folder(s)")
+        if empty:
+            print(f"data: {folder} has no images of the class(es) {', '.join(empty)}; they go unscored",
+                  file=sys.stderr)
+        return images, labels
     if name not in _LAYOUTS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     layout = _LAYOUTS[name]

@@ -27,9 +27,12 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 
+if __name__ == "__main__":  # Ctrl-C while torch loads (a second or two): nothing to save yet, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,8 +49,11 @@ from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
                    autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
-                   learning_rate, load_checkpoint, plot_curves, save_checkpoint, save_json, setup_distributed,
-                   stop_requests, synchronize)
+                   learning_rate, load_checkpoint, out_of_memory, plot_curves, save_checkpoint, save_json,
+                   setup_distributed, stop_requests, synchronize)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +96,8 @@ class Flag:
                 raise UserError(f"{flag} must be {kind} in {self.allowed}, got {value!r}")
         elif not isinstance(value, self.type):
             raise UserError(f"{flag} must be a {self.type.__name__}, got {value!r}")
+        elif value == "":  # a path or a name: an empty one is a slip (an unset shell variable, say)
+            raise UserError(f"{flag} is empty; give it a value")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +277,8 @@ def resolve_device(name):
                         "use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name!r} is not supported: use cpu or cuda")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UserError(f"--device {name}: the CPU is one device; use cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
                         f"numbered from 0")
@@ -332,7 +342,14 @@ def load_split(config, train):
         return load_dataset(config["dataset"], config["data_dir"], train=train,
                             image_size=config["image_size"])
     except OSError as error:  # e.g. --data-dir names a file, or a folder that cannot be created
-        raise UserError(f"cannot use the data folder {config['data_dir']}: {error}")
+        raise data_folder_error(config["data_dir"], error)
+
+
+def data_folder_error(data_dir, error):
+    """The UserError of an OSError met in the data folder `data_dir`."""
+    reason = ("it is a file, not a folder" if os.path.isfile(data_dir)
+              else f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}")
+    return UserError(f"cannot use the data folder {data_dir} ({reason}); point --data-dir at a folder")
 
 
 def model_image_size(images, config, info):
@@ -413,9 +430,15 @@ class RunFolder:
         if out_dir is None:
             out_dir, self._named = new_folder("runs", default_name), True
         elif resume and not os.path.isdir(out_dir):
-            raise UserError(f"no run in {out_dir}: the folder does not exist (--resume continues the "
-                            f"run in --out-dir from its checkpoint.pt)")
-        ensure_writable_dir(out_dir)
+            missing = "it is a file, not a folder" if os.path.exists(out_dir) else "the folder does not exist"
+            raise UserError(f"no run in {out_dir}: {missing} (--resume continues the run in --out-dir from its "
+                            f"checkpoint.pt)")
+        try:
+            ensure_writable_dir(out_dir)
+        except OSError as error:
+            reason = "it is a file, not a folder" if os.path.isfile(out_dir) else error.strerror or error
+            advice = "make it writable to continue the run" if resume else "choose another with --out-dir"
+            raise UserError(f"cannot write to the run folder {out_dir} ({reason}); {advice}")
         self.out_dir = out_dir
         lock = open(os.path.join(out_dir, ".lock"), "a+")
         try:
@@ -522,6 +545,9 @@ def resolve_run(config, given, resume):
     if not resume:
         return config, None
     path = os.path.join(config["out_dir"], "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(f"nothing to resume in {config['out_dir']}: it has no checkpoint.pt (a run saves one "
+                        f"after each epoch, and when Ctrl-C stops its training); start a new run without --resume")
     checkpoint = load_checkpoint(path)
     missing = [key for key in RESUME_KEYS if key not in checkpoint]
     if missing:
@@ -608,7 +634,7 @@ def dataset_classes(config):
     try:
         return folder_classes(config["data_dir"])
     except OSError as error:
-        raise UserError(f"cannot use the data folder {config['data_dir']}: {error}")
+        raise data_folder_error(config["data_dir"], error)
 
 
 def check_classes(saved, classes, path):
@@ -1141,13 +1167,15 @@ def save(run, epoch, step, partial=None, best=False):
                      scaler=run.scaler.state_dict(),
                      ema=run.ema.state_dict() if run.ema is not None else None,
                      epoch=epoch, step=step, partial=partial, config=run.config)
-        # config.json comes with the checkpoint: a run stopped before its first one leaves no run
-        # file, so the same command can start it again
+        # config.json follows the checkpoint (which holds the config too): a run stopped before its first
+        # checkpoint, or whose first checkpoint could not be written, leaves no run file, so that the same
+        # command starts it again; and a resumed run's config.json changes only once its checkpoint has
         with run.folder.stop.deferred():
-            run.folder.write("config.json", lambda path: save_json(run.config, path))
             run.folder.write("checkpoint.pt", lambda path: save_checkpoint(state, path))
+            run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)
             if best:
                 run.folder.write("best.pt", lambda path: save_checkpoint(state, path))
+            run.folder.write("config.json", lambda path: save_json(run.config, path))
     run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)
 
 
@@ -1305,7 +1333,7 @@ def evaluate_checkpoint(path, given):
                               tta=mirror_tta(config))
     result = dict(checkpoint=os.path.abspath(path), dataset=config["dataset"], test_acc=accuracy,
                   test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None)
-    print(f"test accuracy {100 * accuracy:.2f}% (loss {loss:.4f}) of {path} "
+    print(f"test accuracy {100 * accuracy:.2f}% on {config['dataset']} (loss {loss:.4f}) of {path} "
           f"(epoch {checkpoint['epoch']}{', EMA weights' if result['ema'] else ''})")
     # named after the checkpoint, so that evaluating best.pt and checkpoint.pt keeps both results
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -1337,6 +1365,13 @@ def main(argv=None):
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM, wherever it arrived
             print(f"\n{folder.interrupted()}", file=sys.stderr)
             return 130
+        except (MemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
+            print(f"error: out of memory ({str(error).splitlines()[0][:160]}); use a smaller --batch-size (or "
+                  f"--mlstm-form chunkwise, a larger --patch-size). Stopped; {folder.outcome('intact')}",
+                  file=sys.stderr)
+            return 1
         finally:
             folder.release()
             if dist.is_available() and dist.is_initialized():

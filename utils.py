@@ -4,6 +4,7 @@ learning-rate schedule, a weight EMA, a progress bar and the curves plot."""
 import contextlib
 import ctypes
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -75,7 +77,16 @@ def atomic_write(path, write_fn):
 
 
 def save_checkpoint(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save(obj) to path, atomically; a failed write (a full disk, say) raises OSError."""
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as error:  # torch's zip writer reports a write that failed as a RuntimeError
+            if "inline_container" not in str(error) and "PytorchStreamWriter" not in str(error):
+                raise
+            raise OSError(errno.EIO, f"the write failed: is the disk full? (torch: {str(error)[:120]})") from error
+
+    atomic_write(path, write)
 
 
 def save_json(obj, path):
@@ -85,14 +96,24 @@ def save_json(obj, path):
 def load_checkpoint(path):
     """Load a checkpoint written by save_checkpoint onto the CPU. Raises UserError when the file
     is missing or is not a readable checkpoint (truncated, corrupt, or some other file)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: give the checkpoint file in it ({os.path.join(path, 'checkpoint.pt')} "
+                        f"or best.pt)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
+        # torch.save writes a zip file with a CRC-32 per record, which torch.load does not check: a checkpoint
+        # with damaged bytes would load, with garbage or NaN weights
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
         # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True) if damaged is None else None
     except Exception as error:
         raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
                         f"checkpoint of this project ({type(error).__name__}: {str(error)[:200]})")
+    if damaged is not None:
+        raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails its CRC check (a disk or copy "
+                        f"error?); use another copy of it (or the run's best.pt, where it has one)")
     required = ("model", "config", "epoch")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         raise UserError(f"{path} is not a vision-lstm checkpoint (it lacks one of {required})")
@@ -100,14 +121,10 @@ def load_checkpoint(path):
 
 
 def ensure_writable_dir(path):
-    """Create `path` if needed and check that files can be written there."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write to the run folder {path} ({error.strerror}); "
-                        f"choose another with --out-dir")
+    """Create `path` if needed and check that files can be written there (OSError if not)."""
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -255,6 +272,12 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16} 
 def autocast(device, dtype):
     """Autocast to `dtype` on `device`; a no-op context when dtype is None (full precision)."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def out_of_memory(error):
+    """Whether an exception is an allocation that failed: on a GPU, or in the CPU's allocator."""
+    return (isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))
+            or "can't allocate memory" in str(error))  # torch's CPU allocator raises a RuntimeError
 
 
 def synchronize(device):

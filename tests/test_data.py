@@ -570,6 +570,20 @@ def test_image_folder_names_the_file_it_cannot_decode(tmp_path, image):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
 
 
+def test_a_training_class_folder_without_images_is_refused_and_a_test_split_without_a_class_noted(tmp_path, capsys):
+    for split, cls in (("train", "cat"), ("train", "dog"), ("test", "cat")):
+        os.makedirs(tmp_path / split / cls)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / cls / "0.png")
+    os.makedirs(tmp_path / "train" / "bird")  # empty: it would be a class that never occurs
+    with pytest.raises(data.DataError, match="class folder.s. bird hold no images"):
+        data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    os.rmdir(tmp_path / "train" / "bird")
+    assert data.load_dataset("folder", tmp_path, train=True, image_size=8)[1].tolist() == [0, 1]
+    capsys.readouterr()
+    assert data.load_dataset("folder", tmp_path, train=False, image_size=8)[1].tolist() == [0]  # no dog to test
+    assert "has no images of the class(es) dog; they go unscored" in capsys.readouterr().err
+
+
 def test_split_train_val_is_disjoint_complete_and_seeded():
     images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
     labels = torch.arange(100)

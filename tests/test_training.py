@@ -239,6 +239,78 @@ def test_user_errors_exit_non_zero_without_a_traceback(data_dir, tmp_path):
         assert "Traceback" not in result.stderr and message in result.stderr, (args, result.stderr)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as a full disk: Linux")
+def test_a_first_checkpoint_that_cannot_be_written_leaves_no_run_file_and_the_same_command_starts_again(
+        data_dir, tmp_path):
+    import resource
+    for train in (True, False):  # the decoded images cached first, so that the run below writes only its own files
+        training.load_dataset("folder", data_dir, train=train, image_size=16)
+    args = TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "again"), "--epochs", "1"]
+    # every file this process writes stops at 20 kB, as on a full disk (Python ignores SIGXFSZ: the write fails)
+    full = run_script(args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)))
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert full.stderr.splitlines()[-1].startswith("error: cannot write ") and "nothing was saved" in full.stderr
+    assert sorted(os.listdir(tmp_path / "again")) == [".lock"]  # no config.json claims the folder
+    assert run_script(args).returncode == 0
+
+
+def test_a_checkpoint_write_failing_inside_torch_save_is_a_clear_error(data_dir, tmp_path, capsys, monkeypatch):
+    # where the disk fills up part-way, torch's zip writer raises a RuntimeError, not an OSError (seen on a tmpfs)
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 200576 vs 200468")
+
+    for train in (True, False):  # the decoded images cached first: the patch below is for the checkpoint
+        training.load_dataset("folder", data_dir, train=train, image_size=16)
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"], capsys)
+    assert code == 2
+    assert captured.err.splitlines()[-1].startswith(f"error: cannot write {out / 'checkpoint.pt'} (the write failed: "
+                                                    f"is the disk full?")
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
+def test_running_out_of_memory_says_so_and_keeps_the_last_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"]
+    assert run_main(args, capsys)[0] == 0
+    saved = (out / "checkpoint.pt").read_bytes()
+
+    def no_memory(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(training, "train_step", no_memory)
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    assert code == 1
+    message = captured.err.splitlines()[-1]
+    assert message.startswith("error: out of memory (") and "--batch-size" in message and "(epoch 1) is intact" in message
+    assert (out / "checkpoint.pt").read_bytes() == saved
+
+
+def test_paths_that_are_not_what_the_flag_needs_are_named_with_what_to_do(data_dir, trained_run, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = TINY + ["--epochs", "1"]
+    cases = [
+        (base + ["--dataset", "mnist", "--data-dir", str(a_file), "--out-dir", str(tmp_path / "r1")],
+         "(it is a file, not a folder); point --data-dir"),
+        (base + ["--data-dir", data_dir, "--out-dir", str(a_file)], "(it is a file, not a folder); choose another"),
+        (["--resume", "--out-dir", str(a_file)], "it is a file, not a folder"),
+        (["--resume", "--out-dir", str(empty)], "it has no checkpoint.pt"),
+        (["--eval-only", "--checkpoint", str(trained_run)], "is a folder: give the checkpoint file in it"),
+        (base + ["--data-dir", "", "--out-dir", str(tmp_path / "r2")], "--data-dir is empty"),
+        (base + ["--data-dir", data_dir, "--out-dir", ""], "--out-dir is empty"),
+        (base + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "r3"), "--device", "cpu:1"],
+         "the CPU is one device"),
+    ]
+    for args, message in cases:
+        code, captured = run_main(args, capsys)
+        assert code == 2 and message in captured.err.splitlines()[-1], (args, captured.err)
+
+
 def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data_dir, tmp_path):
     common = TINY + ["--data-dir", data_dir, "--epochs", "2", "--crop-padding", "0", "--ema", "0.9"]
     single = run_script(common + ["--out-dir", str(tmp_path / "one")])

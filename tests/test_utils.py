@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from utils import WeightEMA, atomic_write, learning_rate
+from utils import UserError, WeightEMA, atomic_write, learning_rate, load_checkpoint, save_checkpoint
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -226,3 +226,33 @@ def test_freed_activations_are_reused_without_page_faults():
         pytest.skip("mallopt not available (not glibc)")
     pages = 20 * (16 << 20) // 4096
     assert max(int(faults) for _, faults in results) < 3 * pages // 10, results  # over three steps each
+
+
+def test_a_checkpoint_with_damaged_bytes_is_refused_and_a_folder_named(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"model": {"weight": torch.arange(4096.0)}, "config": {}, "epoch": 1}, path)
+    assert torch.equal(load_checkpoint(str(path))["model"]["weight"], torch.arange(4096.0))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(torch.arange(4096.0).numpy().tobytes()[:64])  # inside the tensor's record
+    raw[start + 100:start + 164] = b"\xff" * 64  # NaNs, as the bytes of a disk or copy error might read
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="is damaged: its record .* fails its CRC check"):
+        load_checkpoint(str(path))
+    with pytest.raises(UserError, match="is a folder: give the checkpoint file in it"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_save_checkpoint_turns_a_failed_write_inside_torch_save_into_an_os_error(tmp_path, monkeypatch):
+    def failing(message):
+        def save(obj, f):
+            raise RuntimeError(message)
+        return save
+
+    # torch's zip writer, where the disk fills up part-way (seen on a full tmpfs)
+    monkeypatch.setattr(torch, "save", failing("[enforce fail at inline_container.cc:672] . unexpected pos 9 vs 8"))
+    with pytest.raises(OSError, match="is the disk full"):
+        save_checkpoint({}, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(torch, "save", failing("some other failure"))  # not a write: raised as it is
+    with pytest.raises(RuntimeError, match="some other failure"):
+        save_checkpoint({}, tmp_path / "checkpoint.pt")
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
