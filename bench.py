@@ -52,11 +52,14 @@ import multiprocessing
 import os
 import platform
 import resource
+import signal
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+if multiprocessing.parent_process() is not None:  # a measurement's fresh process: Ctrl-C is its parent's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -616,14 +619,16 @@ def parse_args(argv=None):
         parser.exit(2)
     command = commands.choices[args.command]
     try:
-        device_type = torch.device(args.device).type
+        device = torch.device(args.device)
     except RuntimeError:
         command.error(f"unknown --device {args.device!r}: use cpu, cuda or cuda:N")
-    if device_type not in ("cpu", "cuda"):
-        command.error(f"--device {args.device!r} is not supported: use cpu or cuda")
-    on_cuda = device_type == "cuda"
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        command.error(f"--device {args.device!r} is not supported: use cpu, cuda or cuda:N")
+    on_cuda = device.type == "cuda"
     if on_cuda and not torch.cuda.is_available():
         command.error("--device cuda asked for but torch sees no CUDA device; use --device cpu")
+    if on_cuda and (device.index or 0) >= torch.cuda.device_count():
+        command.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
     if args.command in ("train", "forms"):
         args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
     if args.command == "train":
@@ -643,11 +648,13 @@ def main():
     try:
         args.table(args, torch.device(args.device))
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted")  # exit status 1; the rows printed so far stand
+        print("\ninterrupted", file=sys.stderr)  # the rows printed so far stand
+        sys.exit(130)
     except (MemoryError, RuntimeError) as error:
         if not out_of_memory(error):
             raise
-        sys.exit(f"error: out of memory ({str(error).splitlines()[0][:160]}); use a smaller --batch-size")
+        advice = "; use a smaller --batch-size" if hasattr(args, "batch_size") else ""
+        sys.exit(f"error: out of memory ({str(error).splitlines()[0][:160]}){advice}")
 
 
 if __name__ == "__main__":

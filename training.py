@@ -347,9 +347,11 @@ def load_split(config, train):
 
 def data_folder_error(data_dir, error):
     """The UserError of an OSError met in the data folder `data_dir`."""
-    reason = ("it is a file, not a folder" if os.path.isfile(data_dir)
-              else f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}")
-    return UserError(f"cannot use the data folder {data_dir} ({reason}); point --data-dir at a folder")
+    if os.path.isfile(data_dir):
+        return UserError(f"cannot use the data folder {data_dir} (it is a file, not a folder); point --data-dir "
+                         f"at a folder")
+    where = f": {error.filename}" if error.filename else ""
+    return UserError(f"cannot use the data folder {data_dir} ({error.strerror or error}{where})")
 
 
 def model_image_size(images, config, info):
@@ -701,8 +703,8 @@ def parallel_form_bytes(model_config, batch_size, training, device_type="cpu", d
     float32 ones exist at a time, and in training every block keeps, for its backward, its scores in the
     matmuls' dtype where the form factors its decay matrix (mlstm.factors_decay_matrix: on a CPU, not
     compiled, not float16), else its scores and decay matrix in float32. dtype: the autocast dtype (None:
-    float32). What the S x S matrices alone need, not all of a step's memory; 0 for the chunkwise and
-    recurrent forms."""
+    float32). The least the S x S matrices need (the rows whose gates take the segment sums keep two more
+    float32 ones each), not all of a step's memory; 0 for the chunkwise and recurrent forms."""
     if model_config.mlstm_form != "parallel":
         return 0
     rows, cols = model_config.patch_grid
@@ -1368,9 +1370,10 @@ def main(argv=None):
         except (MemoryError, RuntimeError) as error:
             if not out_of_memory(error):
                 raise
-            print(f"error: out of memory ({str(error).splitlines()[0][:160]}); use a smaller --batch-size (or "
-                  f"--mlstm-form chunkwise, a larger --patch-size). Stopped; {folder.outcome('intact')}",
-                  file=sys.stderr)
+            # a run's batch and model are its own (--resume keeps them): what needs less memory is a new run
+            print(f"error: out of memory ({str(error).splitlines()[0][:160]}). A new run needs less with a "
+                  f"smaller --batch-size or --model, or with --mlstm-form chunkwise. Stopped; "
+                  f"{folder.outcome('intact', resumable=False)}", file=sys.stderr)
             return 1
         finally:
             folder.release()

@@ -104,8 +104,11 @@ def load_checkpoint(path):
     try:
         # torch.save writes a zip file with a CRC-32 per record, which torch.load does not check: a checkpoint
         # with damaged bytes would load, with garbage or NaN weights
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+        damaged = None
+        if zipfile.is_zipfile(path):  # not a legacy (pre-zip) file
+            with zipfile.ZipFile(path) as archive:
+                if any(record.CRC for record in archive.infolist()):  # not saved without CRCs (compute_crc32 off)
+                    damaged = archive.testzip()
         # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True) if damaged is None else None
     except Exception as error:
@@ -277,7 +280,8 @@ def autocast(device, dtype):
 def out_of_memory(error):
     """Whether an exception is an allocation that failed: on a GPU, or in the CPU's allocator."""
     return (isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))
-            or "can't allocate memory" in str(error))  # torch's CPU allocator raises a RuntimeError
+            # torch's CPU allocator raises a RuntimeError: Linux's message, then Windows'
+            or "can't allocate memory" in str(error) or "not enough memory" in str(error))
 
 
 def synchronize(device):

@@ -131,7 +131,8 @@ def test_each_subcommand_takes_only_its_options(capsys):
     assert bench.parse_args(["block", "--device", "cpu"]).table is bench.block_table
     for argv in (["forms", "--model", "vil-t"], ["data", "--batch-size", "8"], ["block", "--dtypes", "fp32"],
                  ["train", "--steps", "0"], ["train", "--model", "vil-x"], ["train", "--compile", "--warmup", "0"],
-                 ["train", "--device", "gpu"], ["data", "--device", "mps"], ["block", "--device", "cpu:abc"]):
+                 ["train", "--device", "gpu"], ["data", "--device", "mps"], ["block", "--device", "cpu:abc"],
+                 ["forms", "--device", "cpu:1"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(argv)
         assert exit_info.value.code == 2, argv

@@ -284,8 +284,15 @@ def test_running_out_of_memory_says_so_and_keeps_the_last_checkpoint(data_dir, t
     code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
     assert code == 1
     message = captured.err.splitlines()[-1]
-    assert message.startswith("error: out of memory (") and "--batch-size" in message and "(epoch 1) is intact" in message
+    assert message.startswith("error: out of memory (") and "A new run needs less with a smaller --batch-size" in \
+        message and "(epoch 1) is intact" in message and "--resume" not in message  # it keeps its batch size
     assert (out / "checkpoint.pt").read_bytes() == saved
+    def bug(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(training, "train_step", bug)  # any other RuntimeError is a programming error: raised
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
 
 
 def test_paths_that_are_not_what_the_flag_needs_are_named_with_what_to_do(data_dir, trained_run, tmp_path, capsys):
