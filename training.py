@@ -899,10 +899,11 @@ def setup_run(config, given, resume, folder):
     steps_per_epoch = len(loader)
     total_steps, warmup_steps = schedule_steps(config, steps_per_epoch)
 
-    start_epoch, start_step, partial = 0, 0, None
+    start_epoch, start_step, partial, saved_record = 0, 0, None, None
     if checkpoint is not None:
         start_epoch, start_step, partial = restore(checkpoint, checkpoint_path, raw_model, optimizer, scaler,
                                                    ema, device)
+        saved_record = checkpoint.get("record")  # of start_epoch (absent in checkpoints before 2026-12-02)
         del checkpoint
 
     model = raw_model
@@ -915,6 +916,9 @@ def setup_run(config, given, resume, folder):
     history = []
     if rank == 0 and resume:
         history = read_metrics(os.path.join(config["out_dir"], "metrics.jsonl"), start_epoch)
+        if saved_record is not None and saved_record["epoch"] > max((line["epoch"] for line in history),
+                                                                    default=0):
+            history.append(saved_record)
     return Run(config=config, folder=folder, device=device, dtype=dtype, rank=rank, world_size=world_size,
                loader=loader, train_size=len(train_labels), val=val, test=test, pad_to=pad_to,
                tta=mirror_tta(config), raw_model=raw_model, model=model, eval_model=eval_model,
@@ -1154,8 +1158,9 @@ def check_step(run, meter, epoch, step):
     return loss_sum, correct, bool(flags[0])
 
 
-def save(run, epoch, step, partial=None, best=False):
-    """checkpoint.pt (and best.pt) of the run after `step` steps of the epoch after `epoch`."""
+def save(run, epoch, step, partial=None, best=False, record=None):
+    """checkpoint.pt (and best.pt) of the run after `step` steps of the epoch after `epoch`; record: the
+    metrics record of `epoch`, at its end."""
     # every process looks, so that all of them stop together: the weights turn NaN without a
     # NaN loss when the last step of an epoch diverges, which the loss shows only a step later
     if not finite_weights(run.raw_model, run.ema):
@@ -1168,7 +1173,10 @@ def save(run, epoch, step, partial=None, best=False):
         state = dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
                      scaler=run.scaler.state_dict(),
                      ema=run.ema.state_dict() if run.ema is not None else None,
-                     epoch=epoch, step=step, partial=partial, config=run.config)
+                     epoch=epoch, step=step, partial=partial, config=run.config,
+                     # the last finished epoch's metrics record, which metrics.jsonl gets after the checkpoint:
+                     # a resume restores it where a write that stopped the run left the file without it
+                     record=record if record is not None else (run.history[-1] if run.history else None))
         # config.json follows the checkpoint (which holds the config too): a run stopped before its first
         # checkpoint, or whose first checkpoint could not be written, leaves no run file, so that the same
         # command starts it again; and a resumed run's config.json changes only once its checkpoint has
@@ -1207,7 +1215,7 @@ def end_epoch(run, epoch, meter, seconds):
     with run.folder.stop.deferred():  # the epoch's files are written whole, whatever signal arrives
         # the checkpoint first: a metrics line never refers to an epoch that is not saved
         best = run.val is not None and record["val_acc"] > run.best_val_acc
-        save(run, epoch + 1, 0, best=best)
+        save(run, epoch + 1, 0, best=best, record=record)
         run.best_val_acc = max(run.best_val_acc, record.get("val_acc", -1))
         if run.is_main:
             run.history.append(record)

@@ -270,6 +270,33 @@ def test_a_checkpoint_write_failing_inside_torch_save_is_a_clear_error(data_dir,
     assert sorted(os.listdir(out)) == [".lock"]
 
 
+def test_an_epoch_whose_metrics_line_was_not_written_gets_it_back_from_its_checkpoint_on_resume(
+        data_dir, tmp_path, capsys, monkeypatch):
+    out, stopped = tmp_path / "run", tmp_path / "stopped"
+    args = TINY + ["--data-dir", data_dir, "--epochs", "2", "--val-size", "16"]
+    assert run_main(args + ["--out-dir", str(out)], capsys)[0] == 0
+    whole = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the same run stopped after epoch 1's checkpoint: its config.json write failed (a full disk), before
+    # metrics.jsonl got the epoch's line
+    save_json = training.save_json
+
+    def disk_full_at_config(obj, path):
+        if os.path.basename(path) == "config.json":
+            raise OSError(28, "No space left on device")
+        save_json(obj, path)
+
+    monkeypatch.setattr(training, "save_json", disk_full_at_config)
+    code, captured = run_main(args + ["--out-dir", str(stopped)], capsys)
+    assert code == 2 and "(epoch 1) is intact" in captured.err
+    assert not (stopped / "metrics.jsonl").exists() and (stopped / "best.pt").exists()
+    monkeypatch.undo()
+    assert run_main(["--resume", "--out-dir", str(stopped)], capsys)[0] == 0
+    resumed = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in resumed] == [1, 2]
+    for key in ("train_loss", "val_acc", "lr"):
+        assert [line[key] for line in resumed] == pytest.approx([line[key] for line in whole]), key
+
+
 def test_running_out_of_memory_says_so_and_keeps_the_last_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     args = TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1"]
