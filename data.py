@@ -847,6 +847,13 @@ def _fetch_missing(name, root, layout, missing):
     with what to do when that is impossible."""
     folder = os.path.abspath(os.path.join(root, layout.folder))
     files = ", ".join(os.path.basename(m) for m in missing)
+    # the root given one or two levels too deep (the dataset's own folder): its files sit below an ancestor
+    parent = os.path.dirname(os.path.abspath(root))
+    for ancestor in (parent, os.path.dirname(parent)):
+        if all(os.path.isfile(os.path.join(ancestor, m)) for m in missing):
+            raise DataError(f"{name}: missing {files} in {folder}, but they are in "
+                            f"{os.path.join(ancestor, layout.folder)}: the data root is the folder that holds "
+                            f"{layout.folder.split('/')[0]}, so point it at {ancestor}")
     sources = ", ".join(MIRRORS[name])
     if layout.archive:
         how = (f"Download {layout.archive} (from {sources}) on a machine with network and put it in "

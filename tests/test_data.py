@@ -493,6 +493,17 @@ def test_interrupted_download_leaves_nothing_that_passes(tmp_path, server):
     assert images.shape == (12, 1, 28, 28)
 
 
+def test_a_data_root_given_one_or_two_levels_too_deep_is_told_its_parent(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (raw / name).write_bytes(b"")  # only their place is read before the message
+    for too_deep in (raw.parent, raw):
+        with pytest.raises(data.DataError, match=f"so point it at {re.escape(str(tmp_path / 'data'))}$"):
+            data.load_dataset("mnist", str(too_deep), train=True)
+        assert not (too_deep / "MNIST").exists()  # nothing created or downloaded there
+
+
 def test_no_network_error_names_the_files_the_folder_and_the_fix(tmp_path):
     data.MIRRORS["fashion-mnist"] = [f"http://127.0.0.1:{closed_port()}/"]
     with pytest.raises(data.DataError) as error:
