@@ -49,7 +49,7 @@ from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
                    autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
-                   learning_rate, load_checkpoint, out_of_memory, plot_curves, save_checkpoint, save_json,
+                   json_values, learning_rate, load_checkpoint, out_of_memory, plot_curves, save_checkpoint, save_json,
                    setup_distributed, stop_requests, synchronize)
 
 if __name__ == "__main__":
@@ -1220,7 +1220,7 @@ def end_epoch(run, epoch, meter, seconds):
         if run.is_main:
             run.history.append(record)
             run.folder.write("metrics.jsonl", lambda path: atomic_write(path, lambda f: f.write(
-                "".join(json.dumps(line) + "\n" for line in run.history).encode())))
+                "".join(json.dumps(json_values(line), allow_nan=False) + "\n" for line in run.history).encode())))
             run.folder.write("curves.png", lambda path: plot_curves(run.history, path))
             print(epoch_summary(record, run.config["epochs"]), flush=True)
             if refit is not None:

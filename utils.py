@@ -89,8 +89,21 @@ def save_checkpoint(obj, path):
     atomic_write(path, write)
 
 
+def json_values(obj):
+    """obj with every NaN or infinite float as None: JSON has no such numbers (json.dumps would write a NaN
+    that strict readers refuse)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: json_values(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_values(value) for value in obj]
+    return obj
+
+
 def save_json(obj, path):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """obj as indented JSON, atomically; a NaN or infinite number is written as null."""
+    atomic_write(path, lambda f: f.write((json.dumps(json_values(obj), indent=2, allow_nan=False) + "\n").encode()))
 
 
 def load_checkpoint(path):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from utils import UserError, WeightEMA, atomic_write, learning_rate, load_checkpoint, save_checkpoint
+from utils import UserError, WeightEMA, atomic_write, learning_rate, load_checkpoint, save_checkpoint, save_json
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -256,3 +256,15 @@ def test_save_checkpoint_turns_a_failed_write_inside_torch_save_into_an_os_error
     with pytest.raises(RuntimeError, match="some other failure"):
         save_checkpoint({}, tmp_path / "checkpoint.pt")
     assert os.listdir(tmp_path) == []  # no temporary file left behind
+
+
+def test_save_json_writes_strict_json_with_null_for_nan_and_infinity(tmp_path):
+    import json
+    path = tmp_path / "final.json"
+    save_json({"test_loss": float("nan"), "curve": [float("inf"), 1.5], "nested": {"x": -float("inf"), "n": 3}}, path)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"test_loss": None, "curve": [None, 1.5],
+                                                                   "nested": {"x": None, "n": 3}}
