@@ -58,8 +58,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-if multiprocessing.parent_process() is not None:  # a measurement's fresh process: Ctrl-C is its parent's to handle
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+if __name__ == "__mp_main__":  # a measurement's fresh process (spawn imports this file so): Ctrl-C ends it at once,
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # quietly; its parent says "interrupted"
+elif __name__ == "__main__":  # Ctrl-C while torch loads (a second or two): no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,6 +74,8 @@ from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
 from utils import AUTOCAST_DTYPES, autocast, keep_freed_memory, out_of_memory, synchronize
 
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
 DTYPES = ("fp32", "bf16")  # plain fp32, or bf16 autocast (utils.AUTOCAST_DTYPES)
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
 VIT_HEAD_DIM, VIT_MLP_RATIO = 64, 4
@@ -648,6 +652,7 @@ def main():
     try:
         args.table(args, torch.device(args.device))
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting: no traceback either
         print("\ninterrupted", file=sys.stderr)  # the rows printed so far stand
         sys.exit(130)
     except (MemoryError, RuntimeError) as error:
