@@ -130,9 +130,12 @@ def load_checkpoint(path):
     if damaged is not None:
         raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails its CRC check (a disk or copy "
                         f"error?); use another copy of it (or the run's best.pt, where it has one)")
-    required = ("model", "config", "epoch")
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
-        raise UserError(f"{path} is not a vision-lstm checkpoint (it lacks one of {required})")
+    required = {"model": dict, "config": dict, "epoch": int}
+    if not isinstance(checkpoint, dict) or not all(isinstance(checkpoint.get(key), kind)
+                                                   for key, kind in required.items()):
+        needs = ", ".join(f"{key} ({kind.__name__})" for key, kind in required.items())
+        raise UserError(f"{path} is not a vision-lstm checkpoint: it needs a {needs}, and lacks one or holds "
+                        f"another kind of value")
     return checkpoint
 
 

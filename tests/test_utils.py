@@ -240,6 +240,11 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_and_a_folder_named(tmp_path)
         load_checkpoint(str(path))
     with pytest.raises(UserError, match="is a folder: give the checkpoint file in it"):
         load_checkpoint(str(tmp_path))
+    # edited by hand into other kinds of values: refused by name, not met later as a TypeError
+    for edit in ({"epoch": "1"}, {"model": None}, {"config": []}):
+        save_checkpoint({"model": {}, "config": {}, "epoch": 1, **edit}, path)
+        with pytest.raises(UserError, match=r"needs a model \(dict\), config \(dict\), epoch \(int\)"):
+            load_checkpoint(str(path))
 
 
 def test_save_checkpoint_turns_a_failed_write_inside_torch_save_into_an_os_error(tmp_path, monkeypatch):
