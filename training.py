@@ -49,7 +49,7 @@ from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
                    autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
-                   json_values, learning_rate, load_checkpoint, out_of_memory, plot_curves, save_checkpoint, save_json,
+                   json_text, learning_rate, load_checkpoint, out_of_memory, plot_curves, save_checkpoint, save_json,
                    setup_distributed, stop_requests, synchronize)
 
 if __name__ == "__main__":
@@ -1182,11 +1182,12 @@ def save(run, epoch, step, partial=None, best=False, record=None):
         # command starts it again; and a resumed run's config.json changes only once its checkpoint has
         with run.folder.stop.deferred():
             run.folder.write("checkpoint.pt", lambda path: save_checkpoint(state, path))
-            run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)
+            run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)  # what a failed write below keeps
             if best:
                 run.folder.write("best.pt", lambda path: save_checkpoint(state, path))
             run.folder.write("config.json", lambda path: save_json(run.config, path))
-    run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)
+    else:
+        run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)
 
 
 def evaluate_split(run, images, labels):
@@ -1220,7 +1221,7 @@ def end_epoch(run, epoch, meter, seconds):
         if run.is_main:
             run.history.append(record)
             run.folder.write("metrics.jsonl", lambda path: atomic_write(path, lambda f: f.write(
-                "".join(json.dumps(json_values(line), allow_nan=False) + "\n" for line in run.history).encode())))
+                "".join(json_text(line) + "\n" for line in run.history).encode())))
             run.folder.write("curves.png", lambda path: plot_curves(run.history, path))
             print(epoch_summary(record, run.config["epochs"]), flush=True)
             if refit is not None:

@@ -101,9 +101,14 @@ def json_values(obj):
     return obj
 
 
+def json_text(obj, indent=None):
+    """obj as strict JSON text: a NaN or infinite number as null."""
+    return json.dumps(json_values(obj), indent=indent, allow_nan=False)
+
+
 def save_json(obj, path):
-    """obj as indented JSON, atomically; a NaN or infinite number is written as null."""
-    atomic_write(path, lambda f: f.write((json.dumps(json_values(obj), indent=2, allow_nan=False) + "\n").encode()))
+    """obj as indented JSON (json_text), atomically."""
+    atomic_write(path, lambda f: f.write((json_text(obj, indent=2) + "\n").encode()))
 
 
 def load_checkpoint(path):
@@ -115,13 +120,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
-        # torch.save writes a zip file with a CRC-32 per record, which torch.load does not check: a checkpoint
-        # with damaged bytes would load, with garbage or NaN weights
-        damaged = None
-        if zipfile.is_zipfile(path):  # not a legacy (pre-zip) file
-            with zipfile.ZipFile(path) as archive:
-                if any(record.CRC for record in archive.infolist()):  # not saved without CRCs (compute_crc32 off)
-                    damaged = archive.testzip()
+        damaged = _damaged_record(path)
         # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True) if damaged is None else None
     except Exception as error:
@@ -137,6 +136,16 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a vision-lstm checkpoint: it needs a {needs}, and lacks one or holds "
                         f"another kind of value")
     return checkpoint
+
+
+def _damaged_record(path):
+    """The name of the first record of the zip file torch.save wrote at path whose bytes fail their CRC-32
+    (torch.load does not check them: damaged bytes would load as garbage or NaN weights), or None. Legacy
+    (pre-zip) files and files saved without CRCs (torch's compute_crc32 off) have none to check."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip() if any(record.CRC for record in archive.infolist()) else None
 
 
 def ensure_writable_dir(path):
