@@ -97,11 +97,17 @@ def load_dataset(name, root="./data", train=True, image_size=32):
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     layout = _LAYOUTS[name]
     wanted = [f"{layout.folder}/{f}" for f in (layout.train if train else layout.test)]
+    created = _absent_folders(os.path.join(root, layout.folder))  # what fetching the files may create
     with _data_root_lock(root):
-        missing = [rel for rel in wanted if not os.path.isfile(os.path.join(root, rel))]
-        if missing:
-            _fetch_missing(name, root, layout, missing)
-        _verify(root, wanted)
+        try:
+            missing = [rel for rel in wanted if not os.path.isfile(os.path.join(root, rel))]
+            if missing:
+                _fetch_missing(name, root, layout, missing)
+            _verify(root, wanted)
+        except BaseException:
+            # a mistyped root that nothing could be fetched into (no network) leaves no empty folders behind
+            _remove_empty_folders(created)
+            raise
     paths = [os.path.join(root, rel) for rel in wanted]
     if layout.archive is None:
         images, labels = read_idx(paths[0], 2051), read_idx(paths[1], 2049)
@@ -668,6 +674,26 @@ def verification_cache_path(root):
     cache = os.environ.get("VIL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vision-lstm")
     return os.path.join(cache, "verified.json")
+
+
+def _absent_folders(path):
+    """The folders of path that do not exist yet, path first, then its parents up to the first that exists."""
+    absent, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        absent.append(path)
+        path = os.path.dirname(path)
+    return absent
+
+
+def _remove_empty_folders(folders):
+    """Remove each of folders (innermost first) that is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty (or not ours to remove): so are the folders above it
+            return
 
 
 @contextlib.contextmanager

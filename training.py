@@ -534,7 +534,34 @@ def saved_config(checkpoint, path, needed):
     if missing:
         raise UserError(f"the configuration saved in {path} lacks {', '.join(missing)} (written by another "
                         f"version of training.py?); this version cannot use that checkpoint")
-    return canonical_names(dict(config))
+    config = canonical_names(dict(config))
+    try:
+        check_config({key: config[key] for key in needed})
+        check_saved_dataset(config)
+    except UserError as error:
+        raise UserError(f"the configuration saved in {path} is not one this version can use (edited by hand?): "
+                        f"{error}")
+    return config
+
+
+def check_saved_dataset(config):
+    """Refuse a saved configuration whose dataset is not the one its model, classes and normalisation were
+    made for (a dataset changed by hand: the model would meet images of another shape)."""
+    info = DATASETS.get(config.get("dataset"))
+    if info is None:  # not a dataset of this version: check_config names it
+        return
+    model = config.get("model_config") if isinstance(config.get("model_config"), dict) else {}
+    found = [("model_config in_chans", model.get("in_chans"), info.in_chans)]
+    found += [(f"{key} (entries)", len(config[key]) if isinstance(config.get(key), (list, tuple)) else None,
+               info.in_chans) for key in ("mean", "std")]
+    if info.num_classes:  # an image folder's classes are checked against its folders (check_classes)
+        found += [("num_classes", config.get("num_classes"), info.num_classes),
+                  ("model_config num_classes", model.get("num_classes"), info.num_classes)]
+    wrong = [f"{name} {value}" for name, value, expected in found if value is not None and value != expected]
+    if wrong:
+        raise UserError(f"its dataset {config['dataset']} has {info.in_chans} channel(s)"
+                        f"{f' and {info.num_classes} classes' if info.num_classes else ''}, but it has "
+                        f"{', '.join(wrong)}")
 
 
 # what a checkpoint needs beyond load_checkpoint's keys to continue the run

@@ -515,6 +515,19 @@ def test_no_network_error_names_the_files_the_folder_and_the_fix(tmp_path):
     assert all_files(tmp_path) == []
 
 
+def test_a_data_root_that_nothing_could_be_fetched_into_leaves_no_folders(tmp_path):
+    data.MIRRORS["mnist"] = [f"http://127.0.0.1:{closed_port()}/"]
+    data.MIRRORS["cifar10"] = [f"http://127.0.0.1:{closed_port()}/"]
+    for name in ("mnist", "cifar10"):  # a file per download, and an archive unpacked into a folder
+        with pytest.raises(data.DataError, match="no network"):
+            data.load_dataset(name, tmp_path / "mistyped" / "data", train=True)
+        assert os.listdir(tmp_path) == []  # neither the root nor its missing parent stays
+    (tmp_path / "data" / "MNIST").mkdir(parents=True)  # what existed before stays
+    with pytest.raises(data.DataError, match="no network"):
+        data.load_dataset("mnist", tmp_path / "data", train=True)
+    assert os.listdir(tmp_path / "data") == ["MNIST"] and os.listdir(tmp_path / "data" / "MNIST") == []
+
+
 # -----------------------------------------------------------------------------
 # Image folder
 

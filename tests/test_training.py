@@ -1174,3 +1174,27 @@ def test_a_run_saved_before_the_time_budget_existed_resumes_without_one(trained_
     assert code == 0, captured.err
     assert "time budget" not in captured.out
     assert json.loads((out / "config.json").read_text())["time_budget"] == 0
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("dataset", "mnist", "model_config in_chans 3"),  # a 1-channel dataset for a model of 3-channel images
+    ("dataset", "imagenet", "--dataset must be one of"),
+    ("model", "vil-x", "--model must be one of"),
+])
+def test_a_checkpoint_whose_saved_configuration_was_edited_is_refused_by_name(trained_run, tmp_path, capsys,
+                                                                                key, value, named):
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["config"][key] = value
+    torch.save(checkpoint, path)
+    before = path.read_bytes()
+    for args in (["--resume", "--out-dir", str(out), "--epochs", "2"], ["--eval-only", "--checkpoint", str(path)]):
+        code, captured = run_main(args, capsys)
+        if key == "model" and args[0] == "--eval-only":
+            # evaluation builds the model from model_config, not from the preset's name: nothing to refuse
+            assert code == 0, captured.err
+            continue
+        assert code == 2, captured.err
+        assert f"the configuration saved in {path}" in captured.err and named in captured.err
+    assert path.read_bytes() == before  # refused before anything was written
