@@ -97,17 +97,17 @@ def load_dataset(name, root="./data", train=True, image_size=32):
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     layout = _LAYOUTS[name]
     wanted = [f"{layout.folder}/{f}" for f in (layout.train if train else layout.test)]
-    created = _absent_folders(os.path.join(root, layout.folder))  # what fetching the files may create
-    with _data_root_lock(root):
-        try:
+    created = _absent_folders(os.path.join(root, layout.folder))  # what locking and fetching may create
+    try:
+        with _data_root_lock(root):
             missing = [rel for rel in wanted if not os.path.isfile(os.path.join(root, rel))]
             if missing:
                 _fetch_missing(name, root, layout, missing)
             _verify(root, wanted)
-        except BaseException:
-            # a mistyped root that nothing could be fetched into (no network) leaves no empty folders behind
-            _remove_empty_folders(created)
-            raise
+    except BaseException:
+        # a mistyped root that nothing could be fetched into (no network) leaves no empty folders behind
+        _remove_empty_folders(created)
+        raise
     paths = [os.path.join(root, rel) for rel in wanted]
     if layout.archive is None:
         images, labels = read_idx(paths[0], 2051), read_idx(paths[1], 2049)

@@ -526,9 +526,11 @@ def checkpoint_point(epoch, step, steps_per_epoch=None):
     return f"epoch {epoch + 1}, step {step}" + (f" of {steps_per_epoch}" if steps_per_epoch else "")
 
 
-def saved_config(checkpoint, path, needed):
+def saved_config(checkpoint, path, needed, given=()):
     """The configuration saved in a checkpoint; a UserError naming the file when it lacks a key
-    of `needed` (a checkpoint of another version of training.py, or an edited one)."""
+    of `needed` (a checkpoint of another version of training.py, or an edited one), or holds a value
+    there that its flag refuses (the settings `given` on the command line, which replace the saved ones,
+    aside)."""
     config = checkpoint["config"]
     missing = sorted(key for key in needed if key not in config) if isinstance(config, dict) else ["all"]
     if missing:
@@ -536,7 +538,7 @@ def saved_config(checkpoint, path, needed):
                         f"version of training.py?); this version cannot use that checkpoint")
     config = canonical_names(dict(config))
     try:
-        check_config({key: config[key] for key in needed})
+        check_config({key: config[key] for key in needed if key not in given})
         check_saved_dataset(config)
     except UserError as error:
         raise UserError(f"the configuration saved in {path} is not one this version can use (edited by hand?): "
@@ -1344,7 +1346,7 @@ def evaluate_checkpoint(path, given):
     if not path:
         raise UserError("--eval-only needs --checkpoint PATH (a checkpoint.pt or best.pt of a run)")
     checkpoint = load_checkpoint(path)
-    config = saved_config(checkpoint, path, EVAL_KEYS)
+    config = saved_config(checkpoint, path, EVAL_KEYS, [key for key in EVAL_OVERRIDABLE if key in given])
     ignored = sorted(key for key in given if key not in EVAL_OVERRIDABLE and config.get(key) != given[key])
     if ignored:
         print(f"note: --eval-only uses the checkpoint's saved configuration; ignoring "

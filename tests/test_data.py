@@ -893,3 +893,12 @@ def test_real_mean_std_match_the_table():
         mean, std = data.channel_mean_std(images)
         assert np.allclose(mean, data.DATASETS[name].mean, atol=2e-3)
         assert np.allclose(std, data.DATASETS[name].std, atol=2e-3)
+
+
+def test_a_data_root_made_for_a_lock_that_was_interrupted_goes_again(tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C while waiting for another run's lock on the root
+    monkeypatch.setattr(data.fcntl, "flock", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_dataset("mnist", tmp_path / "new" / "data", train=True)
+    assert os.listdir(tmp_path) == []

@@ -1198,3 +1198,15 @@ def test_a_checkpoint_whose_saved_configuration_was_edited_is_refused_by_name(tr
         assert code == 2, captured.err
         assert f"the configuration saved in {path}" in captured.err and named in captured.err
     assert path.read_bytes() == before  # refused before anything was written
+
+
+def test_eval_only_checks_the_saved_settings_the_command_line_does_not_replace(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["config"]["amp"] = "fp8"  # edited into a value --amp refuses
+    torch.save(checkpoint, path)
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path)], capsys)
+    assert code == 2 and "--amp must be one of" in captured.err
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path), "--amp", "off"], capsys)
+    assert code == 0, captured.err
