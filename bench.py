@@ -72,7 +72,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
-from utils import AUTOCAST_DTYPES, autocast, keep_freed_memory, out_of_memory, synchronize
+from utils import AUTOCAST_DTYPES, UserError, autocast, keep_freed_memory, out_of_memory, resolve_device, synchronize
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
@@ -623,16 +623,9 @@ def parse_args(argv=None):
         parser.exit(2)
     command = commands.choices[args.command]
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        command.error(f"unknown --device {args.device!r}: use cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
-        command.error(f"--device {args.device!r} is not supported: use cpu, cuda or cuda:N")
-    on_cuda = device.type == "cuda"
-    if on_cuda and not torch.cuda.is_available():
-        command.error("--device cuda asked for but torch sees no CUDA device; use --device cpu")
-    if on_cuda and (device.index or 0) >= torch.cuda.device_count():
-        command.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+        on_cuda = torch.device(resolve_device(args.device)).type == "cuda"
+    except UserError as error:
+        command.error(str(error))
     if args.command in ("train", "forms"):
         args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
     if args.command == "train":

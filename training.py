@@ -49,8 +49,8 @@ from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
                    autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
-                   json_text, learning_rate, load_checkpoint, out_of_memory, plot_curves, save_checkpoint, save_json,
-                   setup_distributed, stop_requests, synchronize)
+                   json_text, learning_rate, load_checkpoint, out_of_memory, plot_curves, resolve_device,
+                   save_checkpoint, save_json, setup_distributed, stop_requests, synchronize)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
@@ -264,25 +264,6 @@ def check_config(config):
         for name, flag in flags.items():
             if name in config:
                 flag.check(name, config[name])
-
-
-def resolve_device(name):
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but this machine has no usable CUDA GPU; "
-                        "use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r} is not supported: use cpu or cuda")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise UserError(f"--device {name}: the CPU is one device; use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                        f"numbered from 0")
-    return name
 
 
 def autocast_dtype(amp, device):
@@ -529,8 +510,8 @@ def checkpoint_point(epoch, step, steps_per_epoch=None):
 def saved_config(checkpoint, path, needed, given=()):
     """The configuration saved in a checkpoint; a UserError naming the file when it lacks a key
     of `needed` (a checkpoint of another version of training.py, or an edited one), or holds a value
-    there that its flag refuses (the settings `given` on the command line, which replace the saved ones,
-    aside)."""
+    of `needed` that its flag refuses (the settings `given` on the command line, which replace the saved
+    ones, aside)."""
     config = checkpoint["config"]
     missing = sorted(key for key in needed if key not in config) if isinstance(config, dict) else ["all"]
     if missing:
@@ -890,7 +871,7 @@ def setup_run(config, given, resume, folder):
     config, checkpoint = resolve_run(config, given, resume)
     if checkpoint is not None:
         folder.saved = checkpoint_point(checkpoint["epoch"], checkpoint["step"])
-    check_config(config)
+    check_config(config)  # a resumed run's settings from its command line, and the saved ones saved_config left
     rank, world_size, device = setup_distributed(resolve_device(config["device"]))
     if world_size > 1:  # the folder process 0 holds, which it may have named
         shared = [folder.out_dir]

@@ -160,6 +160,27 @@ def ensure_writable_dir(path):
 DISTRIBUTED_TIMEOUT = datetime.timedelta(hours=2)
 
 
+def resolve_device(name):
+    """A device name for torch.device: name, or the best device for None (cuda when present, else cpu);
+    a UserError for one this machine does not have."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but this machine has no usable CUDA GPU; "
+                        "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not supported: use cpu or cuda")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise UserError(f"--device {name}: the CPU is one device; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"numbered from 0")
+    return name
+
+
 def setup_distributed(device_name):
     """Start the process group when launched by torchrun (RANK/WORLD_SIZE set).
     Returns (rank, world_size, device). One process: (0, 1, device_name)."""
