@@ -58,7 +58,8 @@ class DatasetInfo:
     mean: tuple                # per channel, on the [0, 1] scale, over the training split
     std: tuple
     digits: bool               # hand-written digits: no horizontal flips
-    padded: bool = False       # 28-px images that training zero-pads to 32 px (--pad-to), as the replaced repository did
+    # 28-px images that training zero-pads to 32 px (--pad-to), as the replaced repository did
+    padded: bool = False
 
 
 DATASETS = {
@@ -162,9 +163,11 @@ POLICIES = ("none", "randaugment", "trivialaugment")  # of Augment.policy
 @dataclass(frozen=True)
 class Augment:
     """Training-time augmentation; each switch off by default, so Augment() changes nothing."""
-    crop_padding: int = 0           # random translation by up to this many pixels, zero fill (random crop of a padded image)
+    # random translation by up to this many pixels, zero fill (random crop of a padded image)
+    crop_padding: int = 0
     flip: bool = False              # horizontal flip with probability 1/2
-    policy: str = "none"            # "none", "randaugment" (policy_ops ops of fixed magnitude) or "trivialaugment" (one op, random magnitude)
+    # "none", "randaugment" (policy_ops ops of fixed magnitude) or "trivialaugment" (one op, random magnitude)
+    policy: str = "none"
     policy_ops: int = 2             # ops per image for randaugment
     policy_magnitude: float = 9.0   # on torchvision's 0..30 scale; trivialaugment draws uniformly from [0, this]
     erasing_prob: float = 0.0       # probability of erasing one random rectangle (2%-33% of the image) to the mean
@@ -365,7 +368,8 @@ def _mix(x, y, augment, num_classes, generator, rng):
         lam = torch.where(use_cutmix, torch.from_numpy(rng.beta(augment.cutmix_alpha, augment.cutmix_alpha, B)), lam)
     lam, use_cutmix = _to_device(lam.float(), device), _to_device(use_cutmix, device)
     # cutmix: a box of area 1 - lam, square in relative units, from the partner; lam becomes the area kept
-    box = _boxes(B, H, W, (1 - lam).clamp_min(0), torch.ones_like(lam), generator, device) & use_cutmix.view(-1, 1, 1, 1)
+    box = _boxes(B, H, W, (1 - lam).clamp_min(0), torch.ones_like(lam), generator, device)
+    box = box & use_cutmix.view(-1, 1, 1, 1)
     lam = torch.where(use_cutmix, 1 - box.float().mean(dim=(1, 2, 3)), lam)
     # the weight of each image's own pixel, (B, 1, H, W): 0/1 for cutmix, lam for mixup
     weight = torch.where(use_cutmix.view(-1, 1, 1, 1), (~box).to(x.dtype), lam.view(-1, 1, 1, 1).to(x.dtype))
@@ -483,7 +487,8 @@ class _Layout:
     folder: str              # under the data root
     train: tuple             # files the training split reads, in order
     test: tuple
-    archive: str | None      # downloaded into the root and unpacked into `folder`; None: files are downloaded one by one
+    # downloaded into the root and unpacked into `folder`; None: files are downloaded one by one
+    archive: str | None
 
 
 _LAYOUTS = {

@@ -70,14 +70,16 @@ def tiny_files(name, n=12, seed=0):
             files[f"{folder}/{prefix}-labels-idx1-ubyte.gz"] = idx_bytes(np.arange(n) % 10, 2049)
         return files
     if name == "cifar10":
-        files = {f"cifar-10-batches-py/data_batch_{i}": cifar_bytes(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
-                                                                  np.arange(n) % 10) for i in range(1, 6)}
+        files = {f"cifar-10-batches-py/data_batch_{i}":
+                 cifar_bytes(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), np.arange(n) % 10)
+                 for i in range(1, 6)}
         files["cifar-10-batches-py/test_batch"] = cifar_bytes(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
                                                               np.arange(n) % 10)
         files["cifar-10-batches-py/batches.meta"] = pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, 2)
         return files
     files = {f"cifar-100-python/{split}": cifar_bytes(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
-                                                      np.arange(n) * 7 % 100, b"fine_labels") for split in ("train", "test")}
+                                                      np.arange(n) * 7 % 100, b"fine_labels")
+             for split in ("train", "test")}
     files["cifar-100-python/meta"] = pickle.dumps({b"fine_label_names": [b"f%d" % i for i in range(100)]}, 2)
     return files
 

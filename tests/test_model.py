@@ -207,7 +207,8 @@ def test_layer_matches_the_design_written_out(conv_kind, direction, dim, proj_bi
     # parameters, and so every gradient, must be the one the design writes out. dim 24: head width 12,
     # groups of 12 channels; dim 64: head width 32, groups of 16 (two groups per head)
     torch.manual_seed(2)
-    layer = ViLBlock(dim, direction, (3, 4), conv_kind=conv_kind, proj_bias=proj_bias, norm_bias=norm_bias).double().layer
+    block = ViLBlock(dim, direction, (3, 4), conv_kind=conv_kind, proj_bias=proj_bias, norm_bias=norm_bias)
+    layer = block.double().layer
     for param in layer.parameters():
         torch.nn.init.normal_(param, std=0.5)
     x = torch.randn(2, 12, dim, dtype=torch.float64, requires_grad=True)
