@@ -72,7 +72,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
-from utils import AUTOCAST_DTYPES, UserError, autocast, keep_freed_memory, out_of_memory, resolve_device, synchronize
+from utils import (AUTOCAST_DTYPES, UserError, autocast, cpu_has_native_bf16, keep_freed_memory, out_of_memory,
+                   resolve_device, synchronize)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
@@ -585,7 +586,8 @@ def parse_args(argv=None):
                          help=f"ViL presets, each beside its ViT ({', '.join(PRESETS)})")
     presets.add_argument("--batch-size", type=at_least(1), default=64)
     dtypes = dict(nargs="+", choices=DTYPES,
-                  help="fp32 and/or bf16 autocast (default: fp32 on CPU, fp32 bf16 on CUDA)")
+                  help="fp32 and/or bf16 autocast (default: fp32 bf16 where bf16 is native, as training's --amp "
+                       "auto takes it: CUDA, and CPUs with AVX512-BF16 or AMX; else fp32)")
     dtype = dict(choices=DTYPES, default="fp32", help="plain fp32 or bf16 autocast")
 
     commands = parser.add_subparsers(dest="command", title="subcommands")
@@ -607,7 +609,8 @@ def parse_args(argv=None):
                                        help=f"DeviceLoader images/s, every augmentation on, against {DATA_MODEL} "
                                             "training")
     data_command.add_argument("--dtype", choices=DTYPES,
-                              help=f"of the {DATA_MODEL} training (default: fp32 on CPU, bf16 on CUDA)")
+                              help=f"of the {DATA_MODEL} training (default: bf16 where it is native, as "
+                                   "for train; else fp32)")
     data_command.add_argument("--compile", action=argparse.BooleanOptionalAction,
                               help=f"torch.compile the {DATA_MODEL} training (default: yes on CUDA, no on CPU)")
     data_command.set_defaults(table=data_table)
@@ -623,15 +626,18 @@ def parse_args(argv=None):
         parser.exit(2)
     command = commands.choices[args.command]
     try:
-        on_cuda = torch.device(resolve_device(args.device)).type == "cuda"
+        device_type = torch.device(resolve_device(args.device)).type
     except UserError as error:
         command.error(str(error))
+    on_cuda = device_type == "cuda"
+    # bf16 by default where training.py's --amp auto takes it on a CPU (where it is emulated, it is slower)
+    native_bf16 = on_cuda or (device_type == "cpu" and cpu_has_native_bf16())
     if args.command in ("train", "forms"):
-        args.dtypes = args.dtypes or (["fp32", "bf16"] if on_cuda else ["fp32"])
+        args.dtypes = args.dtypes or (["fp32", "bf16"] if native_bf16 else ["fp32"])
     if args.command == "train":
         args.compile_modes = [False, True] if (on_cuda if args.compile is None else args.compile) else [False]
     if args.command == "data":
-        args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
+        args.dtype = args.dtype or ("bf16" if native_bf16 else "fp32")
         args.compile = on_cuda if args.compile is None else args.compile
     compiles = True in args.compile_modes if args.command == "train" else args.command == "data" and args.compile
     if compiles and args.warmup < 1:

@@ -58,18 +58,20 @@ class DatasetInfo:
     mean: tuple                # per channel, on the [0, 1] scale, over the training split
     std: tuple
     digits: bool               # hand-written digits: no horizontal flips
+    image_size: int            # side of the square images in pixels; 0 for "folder": they are resized to --image-size
     # 28-px images that training zero-pads to 32 px (--pad-to), as the replaced repository did
     padded: bool = False
 
 
 DATASETS = {
-    "mnist": DatasetInfo(10, 1, (0.1307,), (0.3081,), digits=True, padded=True),
-    "fashion-mnist": DatasetInfo(10, 1, (0.2860,), (0.3530,), digits=False, padded=True),
-    "cifar10": DatasetInfo(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), digits=False),
-    "cifar100": DatasetInfo(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), digits=False),
+    "mnist": DatasetInfo(10, 1, (0.1307,), (0.3081,), digits=True, image_size=28, padded=True),
+    "fashion-mnist": DatasetInfo(10, 1, (0.2860,), (0.3530,), digits=False, image_size=28, padded=True),
+    "cifar10": DatasetInfo(10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), digits=False, image_size=32),
+    "cifar100": DatasetInfo(100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), digits=False,
+                            image_size=32),
     # your own images: training.py normalises them by their own statistics (channel_mean_std); 0.5 is a
     # neutral placeholder for other code that reads this table
-    "folder": DatasetInfo(0, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), digits=False),
+    "folder": DatasetInfo(0, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), digits=False, image_size=0),
 }
 DATASET_ALIASES = {"cifar": "cifar10"}
 

@@ -11,6 +11,8 @@ docstring, parts 1 to 4); around them, with C image channels and D the model wid
           or (x_first + x_last) / 2   "bilateral_avg" (ViL v1, the replaced repository's model), D wide
     logits = Linear(pooled)    weight trunc-normal std 2e-5, bias 0
 The patch embedding is initialised as a linear map of the flattened patch (Xavier uniform, bias 0).
+ViL v1 and v2 are the two model versions of the published Vision-LSTM code (NX-AI/vision-lstm,
+vision_lstm.py and vision_lstm2.py): v2 pools by concatenation and puts a 3x3 conv on the patch grid.
 
     model = create_model("vil-t", num_classes=10, img_size=32)             # a named preset
     model = create_model("vil-1m", img_size=(28, 28), in_chans=1, depth=6)  # with overrides
@@ -191,6 +193,12 @@ def create_model(name, num_classes=10, in_chans=3, img_size=32, **overrides):
     """Build the preset `name` for images of img_size (int or (H, W)) with in_chans channels;
     overrides replace any ViLConfig field. Raises ValueError for an unknown preset or field or an
     impossible configuration."""
+    return VisionLSTM(preset_config(name, num_classes, in_chans, img_size, **overrides))
+
+
+def preset_config(name, num_classes=10, in_chans=3, img_size=32, **overrides):
+    """The ViLConfig that create_model builds (same arguments), without building the model: a cheap check
+    that the configuration is possible. Raises ValueError as create_model does."""
     name = PRESET_ALIASES.get(name, name)
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
@@ -200,4 +208,4 @@ def create_model(name, num_classes=10, in_chans=3, img_size=32, **overrides):
         raise ValueError(f"unknown model option(s) {unknown}; the options are {sorted(fields)}")
     settings = dict(PRESETS[name], num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     settings.update(overrides)
-    return VisionLSTM(ViLConfig(**settings))
+    return ViLConfig(**settings)

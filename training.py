@@ -46,7 +46,7 @@ except ImportError:  # Windows: run folders are not locked there
 from data import (DATASET_ALIASES, DATASETS, POLICIES, POLICY_OPS, Augment, DeviceLoader, channel_mean_std,
                   folder_classes, load_dataset, seeded_choice, split_train_val)
 from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
-from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model
+from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model, preset_config
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
                    autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
                    json_text, learning_rate, load_checkpoint, out_of_memory, plot_curves, resolve_device,
@@ -112,8 +112,9 @@ FLAGS = {
         out_dir=Flag(None, str, None, "run folder (default runs/<dataset>-<model>-<date>-<time>)"),
         limit_train=Flag(0, int, "[0, 1000000000]", "train on N images only, drawn at random by --seed (0: all)"),
         # for small images: 60000 MNIST digits padded to 256 px already take 4 GB
-        pad_to=Flag(32, int, "[0, 256]", "zero-pad smaller images (28-px MNIST) to this size, as the replaced "
-                                         "repository did (0: off)"),
+        pad_to=Flag(32, int, "[0, 256]", "zero-pad the 28-px MNIST and Fashion-MNIST images to this size, as the "
+                                         "replaced repository did (0 or at most 28: off; other datasets keep "
+                                         "their size)"),
         image_size=Flag(32, int, "[1, 1024]", "image-folder datasets are resized to this size"),
     ),
     "model": dict(  # a preset of model.py; None keeps the preset's own value
@@ -178,13 +179,13 @@ DEFAULTS = {name: flag.default for flags in FLAGS.values() for name, flag in fla
 # Per-dataset recipes, only what differs from the defaults: the values that make the plain
 # `--dataset X` command beat the replaced repository's figures.
 RECIPES = {
-    "mnist": dict(lr=2e-3, crop_padding=2, flip=False, warmup_epochs=1.0),
+    "mnist": dict(lr=2e-3, crop_padding=2, warmup_epochs=1.0),  # digits are never flipped (random_flips)
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 33 epochs, as many as fit 50 minutes of training (from timed steps, then again from the first
     # epoch): the hour with room for the evaluation and for a machine that drifts (the timed steps ran 4-16%
-    # faster than the epochs of three runs on a 2-core AMD EPYC, RESULTS.md, "CIFAR-10 within the hour");
-    # RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md, "Recipe
-    # ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
+    # faster than the epochs in four of the five budgeted runs of README.md's results table, 8% slower in the
+    # fifth); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
+    # "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
     "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
                     ema=0.999),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
@@ -292,13 +293,57 @@ def allow_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
+def model_options(config):
+    """The model flags given (None keeps the preset's value) and the drop-path rate, as create_model's overrides."""
+    given = {key: config[key] for key in ("dim", "depth", "patch_size", "pooling", "conv_kind", "mlstm_form",
+                                          "chunk_size") if config[key] is not None}
+    return dict(given, drop_path=config["drop_path"])
+
+
+def model_image_size(config):
+    """The model's input (height, width): the dataset's side, --image-size for an image folder, and 28-px
+    MNIST-like images padded to --pad-to (the replaced repository's 32 px)."""
+    info = DATASETS[config["dataset"]]
+    side = config["image_size"] if config["dataset"] == "folder" else info.image_size
+    if info.padded:
+        side = max(side, config["pad_to"])
+    return side, side
+
+
+def check_model_flags(config):
+    """Refuse model flags that make no model for this dataset (a --dim that does not split into heads, a
+    --patch-size that does not divide the image) before any data is loaded or downloaded. Returns the
+    model's ViLConfig (with a placeholder class count for an image folder)."""
+    info = DATASETS[config["dataset"]]
+    try:  # an image folder's class count is not known yet, and no other setting depends on it
+        return preset_config(config["model"], num_classes=max(info.num_classes, 1), in_chans=info.in_chans,
+                             img_size=model_image_size(config), **model_options(config))
+    except ValueError as error:
+        raise UserError(f"cannot build the model: {error}")
+
+
+def flags_without_effect(config, given, model_config):
+    """The flags given on the command line that change nothing in this run, each with what it is for (its
+    help says so too; a note saves a user from waiting for a difference that cannot come)."""
+    info = DATASETS[config["dataset"]]
+    reasons = dict(
+        chunk_size=(model_config.mlstm_form != "chunkwise", "--mlstm-form chunkwise"),
+        image_size=(config["dataset"] != "folder", "image folders"),
+        pad_to=(not info.padded, "28-px MNIST and Fashion-MNIST"),
+        policy_ops=(config["policy"] != "randaugment", "--policy randaugment"),
+        policy_magnitude=(config["policy"] == "none", "--policy randaugment or trivialaugment"),
+        flip=(info.digits, "datasets other than hand-written digits"),
+        tta=(not random_flips(config), "runs that train with random flips"),
+    )
+    return [f"--{name.replace('_', '-')} (for {purpose})" for name, (unused, purpose) in reasons.items()
+            if unused and name in given]
+
+
 def build_model(config, num_classes, in_chans, img_size):
     """The model of a run's config; bad model flags become a UserError."""
-    overrides = {key: config[key] for key in ("dim", "depth", "patch_size", "pooling", "conv_kind",
-                                              "mlstm_form", "chunk_size") if config[key] is not None}
     try:
-        return create_model(config["model"], num_classes=num_classes, in_chans=in_chans,
-                            img_size=img_size, drop_path=config["drop_path"], **overrides)
+        return create_model(config["model"], num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                            **model_options(config))
     except ValueError as error:
         raise UserError(f"cannot build the model: {error}")
 
@@ -333,15 +378,6 @@ def data_folder_error(data_dir, error):
                          f"at a folder")
     where = f": {error.filename}" if error.filename else ""
     return UserError(f"cannot use the data folder {data_dir} ({error.strerror or error}{where})")
-
-
-def model_image_size(images, config, info):
-    """The model's input size: 28-px MNIST-like images are padded to --pad-to (the replaced repository's 32 px);
-    other datasets keep their size."""
-    height, width = images.shape[-2:]
-    if info.padded and config["pad_to"] > max(height, width):
-        return config["pad_to"], config["pad_to"]
-    return height, width
 
 
 def padding_for(images, img_size):
@@ -861,6 +897,10 @@ def setup_run(config, given, resume, folder):
     schedule, restored from the checkpoint on --resume. Returns the Run."""
     if resume and not config["out_dir"]:
         raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
+    if not resume:  # before a folder is made for it (a resumed run's settings are its checkpoint's)
+        unused = flags_without_effect(config, given, check_model_flags(config))
+        if unused and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: no effect in this run: {', '.join(unused)}")
     if int(os.environ.get("RANK", "0")) == 0:
         # the lock comes before anything is read from the folder, so before the process group
         # (a resumed run's device is in its checkpoint); process 0, which alone writes the
@@ -888,7 +928,7 @@ def setup_run(config, given, resume, folder):
     info = DATASETS[config["dataset"]]
     train_images, train_labels, val, test, num_classes = load_splits(
         config, rank, world_size, device, checkpoint_path if checkpoint is not None else None)
-    height, width = model_image_size(train_images, config, info)
+    height, width = model_image_size(config)
     pad_to = padding_for(train_images, (height, width))
     if "mean" not in config:  # an image folder is normalised by its own statistics
         config["mean"], config["std"] = (channel_mean_std(train_images) if config["dataset"] == "folder"
@@ -1041,8 +1081,25 @@ def step_seconds(run):
     return all_reduce_max([(time.perf_counter() - started) / BUDGET_TIMED_STEPS], run.device)[0]
 
 
+def recipe_line(config):
+    """The settings this run takes from its dataset's recipe (those the command line left), as flags; None where
+    there are none. --help shows the general defaults, which a recipe changes."""
+    used = [option_text(key, value) for key, value in RECIPES.get(config["dataset"], {}).items()
+            if config.get(key) == value]
+    return f"recipe for {config['dataset']} (RECIPES in training.py): {' '.join(used)}" if used else None
+
+
+def option_text(name, value):
+    """A setting as its command-line flag: --epochs 33, --flip or --no-flip."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
 def announce(run):
-    """The line that opens a run: data, model, device and folder (and where a resumed run goes on)."""
+    """The lines that open a run: data, model, device and folder, and the recipe's settings of a new run (or
+    where a resumed run goes on)."""
     if not run.is_main:
         return
     config = run.config
@@ -1055,6 +1112,8 @@ def announce(run):
     if run.resumed:
         print(f"resuming after epoch {run.start_epoch}"
               + (f", step {run.start_step}" if run.start_step else ""))
+    elif recipe_line(config):
+        print(recipe_line(config))
 
 
 def train_step(run, x, y, global_step):

@@ -1,6 +1,6 @@
-"""Small helpers of training.py (bench.py shares autocast and the allocator setting): user-facing
-errors, atomic files, autocast, the allocator setting, distributed setup, Ctrl-C and SIGTERM, the
-learning-rate schedule, a weight EMA, a progress bar and the curves plot."""
+"""Small helpers of training.py, some shared with bench.py (user errors, the device, autocast, the allocator
+setting): user-facing errors, atomic files, checkpoints, the device, autocast, the allocator setting, distributed
+setup, Ctrl-C and SIGTERM, the learning-rate schedule, a weight EMA, a progress bar and the curves plot."""
 import contextlib
 import ctypes
 import datetime
@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import secrets
 import signal
@@ -124,8 +125,11 @@ def load_checkpoint(path):
         # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True) if damaged is None else None
     except Exception as error:
+        # torch's text for a file that is not plain tensors suggests weights_only=False, which would run any code
+        # the file holds: the type alone
+        detail = "" if isinstance(error, pickle.UnpicklingError) else f": {str(error)[:200]}"
         raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
-                        f"checkpoint of this project ({type(error).__name__}: {str(error)[:200]})")
+                        f"checkpoint of this project ({type(error).__name__}{detail})")
     if damaged is not None:
         raise UserError(f"checkpoint {path} is damaged: its record {damaged} fails its CRC check (a disk or copy "
                         f"error?); use another copy of it (or the run's best.pt, where it has one)")

@@ -567,6 +567,61 @@ def test_huge_sizes_are_refused_before_any_data_is_loaded_or_model_built(data_di
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("dataset, args, message", [
+    ("folder", ["--dim", "36"], "choose a dim that is a multiple of 8"),  # within --dim's range
+    ("folder", ["--patch-size", "5"], "patch_size 5 does not divide the image size 16x16"),  # --image-size 16
+    ("cifar", ["--patch-size", "3"], "patch_size 3 does not divide the image size 32x32"),
+    ("mnist", ["--patch-size", "8", "--pad-to", "0"], "patch_size 8 does not divide the image size 28x28"),
+])
+def test_model_flags_that_make_no_model_are_refused_before_any_data_is_loaded(tmp_path, capsys, monkeypatch,
+                                                                              dataset, args, message):
+    # a wrong --dim or --patch-size is known from the flags and the dataset alone: no download or decoding first
+    def must_not_be_reached(*args, **kwargs):
+        raise AssertionError("the run went on to load data or build the model")
+
+    monkeypatch.setattr(training, "load_dataset", must_not_be_reached)
+    monkeypatch.setattr(training, "create_model", must_not_be_reached)
+    code, captured = run_main(TINY + ["--dataset", dataset, "--data-dir", str(tmp_path / "data"),
+                                      "--out-dir", str(tmp_path / "run")] + args, capsys)
+    assert code == 2 and captured.err.startswith("error: cannot build the model: "), captured.err
+    assert message in captured.err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_flags_given_that_change_nothing_in_the_run_are_named(tmp_path, capsys, monkeypatch):
+    def unused(*argv):
+        config, given = training.parse_config(list(argv))[:2]
+        return training.flags_without_effect(config, given, training.check_model_flags(config))
+
+    assert unused("--dataset", "mnist", "--chunk-size", "16", "--image-size", "48", "--flip", "--tta") == [
+        "--chunk-size (for --mlstm-form chunkwise)", "--image-size (for image folders)",
+        "--flip (for datasets other than hand-written digits)", "--tta (for runs that train with random flips)"]
+    assert unused("--dataset", "cifar", "--pad-to", "40", "--policy", "none", "--policy-ops", "3",
+                  "--policy-magnitude", "5") == ["--pad-to (for 28-px MNIST and Fashion-MNIST)",
+                                                 "--policy-ops (for --policy randaugment)",
+                                                 "--policy-magnitude (for --policy randaugment or trivialaugment)"]
+    assert unused("--dataset", "cifar", "--policy", "trivialaugment", "--policy-ops", "3") == [
+        "--policy-ops (for --policy randaugment)"]
+    # where they act, no note: the same flags in the runs they are for
+    assert unused("--dataset", "folder", "--mlstm-form", "chunkwise", "--chunk-size", "16", "--image-size", "48",
+                  "--flip", "--tta", "--policy", "randaugment", "--policy-ops", "3") == []
+    assert unused("--dataset", "mnist", "--pad-to", "40", "--policy", "trivialaugment", "--policy-magnitude", "5") == []
+    # and the run prints them before it starts
+    monkeypatch.setattr(training, "load_dataset", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, captured = run_main(["--dataset", "cifar", "--chunk-size", "16", "--data-dir", str(tmp_path), "--out-dir",
+                               str(tmp_path / "run")], capsys)
+    assert code == 130 and "note: no effect in this run: --chunk-size (for --mlstm-form chunkwise)" in captured.out
+
+
+def test_the_model_input_size_follows_the_dataset_and_its_flags():
+    def size(dataset, **flags):
+        return training.model_image_size({**training.DEFAULTS, "dataset": dataset, **flags})
+
+    assert size("cifar10") == (32, 32) and size("cifar10", pad_to=64) == (32, 32)  # only digits are padded
+    assert size("mnist") == (32, 32) and size("mnist", pad_to=0) == (28, 28) and size("mnist", pad_to=20) == (28, 28)
+    assert size("folder", image_size=48) == (48, 48)
+
+
 def test_defaults_pass_the_checks_and_recipes_list_only_what_differs():
     training.check_config(training.DEFAULTS)
     for dataset, recipe in training.RECIPES.items():
@@ -575,6 +630,22 @@ def test_defaults_pass_the_checks_and_recipes_list_only_what_differs():
             assert name in FLAGS and value != training.DEFAULTS[name], (dataset, name)
         training.check_config({**training.DEFAULTS, **recipe, "dataset": dataset})
     assert set(training.RESUME_OVERRIDABLE) <= set(FLAGS)
+
+
+def test_a_new_run_names_the_settings_its_recipe_gave_as_flags_that_give_them_back():
+    # --help shows the general defaults; the run's opening lines say what the dataset's recipe changed
+    for dataset, recipe in training.RECIPES.items():
+        config = training.parse_config(["--dataset", dataset])[0]
+        line = training.recipe_line(config)
+        assert line.startswith(f"recipe for {dataset} (RECIPES in training.py): ")
+        flags = line.split(": ", 1)[1].split()
+        again = training.parse_config(["--dataset", dataset] + flags)[0]
+        assert all(again[name] == value for name, value in recipe.items()) and again == config, dataset
+    # a setting the command line gave is not the recipe's
+    line = training.recipe_line(training.parse_config(["--dataset", "cifar", "--lr", "5e-4", "--ema", "0"])[0])
+    assert "--epochs 33" in line and "--policy randaugment" in line and "--lr" not in line and "--ema" not in line
+    assert training.recipe_line(training.parse_config(["--dataset", "folder", "--epochs", "3"])[0]) is None
+    assert [training.option_text("flip", value) for value in (True, False)] == ["--flip", "--no-flip"]
 
 
 def test_help_shows_every_flag_with_its_range():

@@ -1,5 +1,6 @@
 """Properties of the small helpers: the learning-rate schedule, the weight EMA, atomic files, the allocator
 setting."""
+import argparse
 import os
 import stat
 import subprocess
@@ -245,6 +246,19 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_and_a_folder_named(tmp_path)
         save_checkpoint({"model": {}, "config": {}, "epoch": 1, **edit}, path)
         with pytest.raises(UserError, match=r"needs a model \(dict\), config \(dict\), epoch \(int\)"):
             load_checkpoint(str(path))
+
+
+def test_a_file_that_is_not_plain_tensors_is_refused_without_advice_to_unpickle_it(tmp_path):
+    # torch's own message suggests weights_only=False, which would run whatever code the file holds
+    pickled = tmp_path / "object.pt"
+    torch.save({"model": {}, "config": argparse.Namespace(lr=1.0), "epoch": 1}, pickled)  # a class instance
+    text = tmp_path / "notes.pt"
+    text.write_text("# not a checkpoint\n")
+    for path in (pickled, text):
+        with pytest.raises(UserError, match="cannot read checkpoint .*: it is truncated, corrupt or not a checkpoint "
+                                            "of this project") as caught:
+            load_checkpoint(str(path))
+        assert "weights_only" not in str(caught.value), str(caught.value)
 
 
 def test_save_checkpoint_turns_a_failed_write_inside_torch_save_into_an_os_error(tmp_path, monkeypatch):
