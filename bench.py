@@ -587,7 +587,7 @@ def parse_args(argv=None):
     presets.add_argument("--batch-size", type=at_least(1), default=64)
     dtypes = dict(nargs="+", choices=DTYPES,
                   help="fp32 and/or bf16 autocast (default: fp32 bf16 where bf16 is native, as training's --amp "
-                       "auto takes it: CUDA, and CPUs with AVX512-BF16 or AMX; else fp32)")
+                       "auto takes it: GPUs from Ampere on, CPUs with AVX512-BF16 or AMX; else fp32)")
     dtype = dict(choices=DTYPES, default="fp32", help="plain fp32 or bf16 autocast")
 
     commands = parser.add_subparsers(dest="command", title="subcommands")
@@ -626,12 +626,14 @@ def parse_args(argv=None):
         parser.exit(2)
     command = commands.choices[args.command]
     try:
-        device_type = torch.device(resolve_device(args.device)).type
+        device = torch.device(resolve_device(args.device))
     except UserError as error:
         command.error(str(error))
-    on_cuda = device_type == "cuda"
-    # bf16 by default where training.py's --amp auto takes it on a CPU (where it is emulated, it is slower)
-    native_bf16 = on_cuda or (device_type == "cpu" and cpu_has_native_bf16())
+    on_cuda = device.type == "cuda"
+    # bf16 by default where training.py's --amp auto takes it: a GPU from Ampere on, a CPU with AVX512-BF16 or AMX
+    # (elsewhere it is emulated, and slower)
+    native_bf16 = (torch.cuda.get_device_capability(device)[0] >= 8 if on_cuda
+                   else device.type == "cpu" and cpu_has_native_bf16())
     if args.command in ("train", "forms"):
         args.dtypes = args.dtypes or (["fp32", "bf16"] if native_bf16 else ["fp32"])
     if args.command == "train":

@@ -182,9 +182,9 @@ RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, warmup_epochs=1.0),  # digits are never flipped (random_flips)
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 33 epochs, as many as fit 50 minutes of training (from timed steps, then again from the first
-    # epoch): the hour with room for the evaluation and for a machine that drifts (the timed steps ran 4-16%
-    # faster than the epochs in four of the five budgeted runs of README.md's results table, 8% slower in the
-    # fifth); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
+    # epoch): the hour with room for the evaluation and for a machine that drifts (the timed steps ran faster
+    # than the epochs in five of the six budgeted runs of README.md's results table, by 4-16% on quiet
+    # machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
     # "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
     "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
                     ema=0.999),
@@ -322,9 +322,8 @@ def check_model_flags(config):
         raise UserError(f"cannot build the model: {error}")
 
 
-def flags_without_effect(config, given, model_config):
-    """The flags given on the command line that change nothing in this run, each with what it is for (its
-    help says so too; a note saves a user from waiting for a difference that cannot come)."""
+def settings_without_effect(config, model_config):
+    """The settings that change nothing in this run (their help says when they act) -> {name: what it is for}."""
     info = DATASETS[config["dataset"]]
     reasons = dict(
         chunk_size=(model_config.mlstm_form != "chunkwise", "--mlstm-form chunkwise"),
@@ -335,8 +334,14 @@ def flags_without_effect(config, given, model_config):
         flip=(info.digits, "datasets other than hand-written digits"),
         tta=(not random_flips(config), "runs that train with random flips"),
     )
-    return [f"--{name.replace('_', '-')} (for {purpose})" for name, (unused, purpose) in reasons.items()
-            if unused and name in given]
+    return {name: purpose for name, (unused, purpose) in reasons.items() if unused}
+
+
+def flags_without_effect(config, given, model_config):
+    """The flags given on the command line that change nothing in this run, as given, each with what it is for:
+    a note saves a user from waiting for a difference that cannot come."""
+    return [f"{option_text(name, config[name])} (for {purpose})"
+            for name, purpose in settings_without_effect(config, model_config).items() if name in given]
 
 
 def build_model(config, num_classes, in_chans, img_size):
@@ -898,9 +903,7 @@ def setup_run(config, given, resume, folder):
     if resume and not config["out_dir"]:
         raise UserError("--resume needs --out-dir: the run folder that holds checkpoint.pt")
     if not resume:  # before a folder is made for it (a resumed run's settings are its checkpoint's)
-        unused = flags_without_effect(config, given, check_model_flags(config))
-        if unused and int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: no effect in this run: {', '.join(unused)}")
+        check_model_flags(config)
     if int(os.environ.get("RANK", "0")) == 0:
         # the lock comes before anything is read from the folder, so before the process group
         # (a resumed run's device is in its checkpoint); process 0, which alone writes the
@@ -1041,10 +1044,10 @@ def refit_to_time_budget(run, seconds, paced_seconds):
     fitted again, at most the epochs asked for and at least one more, with that epoch counted as spent and the
     others at its pace after its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace, or None
     for the whole epoch's; the steps before take the run's own compile under --compile, and the first steps
-    after a resume warm up again). The first fit timed ten steps; whole epochs ran 4-16% slower in four of the
-    five budgeted runs of README.md's results table on 2-core CPUs (8% faster in the fifth), and a laptop that
-    throttles falls further behind. Under torchrun the slowest process's times count. Recorded in config
-    (time_budget_fit); returns the line that reports it."""
+    after a resume warm up again). The first fit timed ten steps; whole epochs ran slower in five of the six
+    budgeted runs of README.md's results table on 2-core CPUs (by 4-16% on quiet machines, 18% where tests shared
+    the cores; 8% faster in the sixth), and a laptop that throttles falls further behind. Under torchrun the
+    slowest process's times count. Recorded in config (time_budget_fit); returns the line that reports it."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
     seconds, paced_seconds = all_reduce_max([seconds, paced_seconds if paced else seconds], run.device)
@@ -1081,11 +1084,12 @@ def step_seconds(run):
     return all_reduce_max([(time.perf_counter() - started) / BUDGET_TIMED_STEPS], run.device)[0]
 
 
-def recipe_line(config):
-    """The settings this run takes from its dataset's recipe (those the command line left), as flags; None where
-    there are none. --help shows the general defaults, which a recipe changes."""
+def recipe_line(config, given, model_config):
+    """The settings this run takes from its dataset's recipe (not given on the command line, and acting in this
+    run), as flags; None where there are none. --help shows the general defaults, which a recipe changes."""
+    unused = settings_without_effect(config, model_config)
     used = [option_text(key, value) for key, value in RECIPES.get(config["dataset"], {}).items()
-            if config.get(key) == value]
+            if key not in given and key not in unused and config[key] == value]  # a given --epochs ends the budget
     return f"recipe for {config['dataset']} (RECIPES in training.py): {' '.join(used)}" if used else None
 
 
@@ -1097,9 +1101,9 @@ def option_text(name, value):
     return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
-def announce(run):
-    """The lines that open a run: data, model, device and folder, and the recipe's settings of a new run (or
-    where a resumed run goes on)."""
+def announce(run, given):
+    """The lines that open a run: data, model, device and folder; for a new run the settings its recipe gave and
+    the flags given (`given`) that change nothing in it; for a resumed run where it goes on."""
     if not run.is_main:
         return
     config = run.config
@@ -1112,8 +1116,13 @@ def announce(run):
     if run.resumed:
         print(f"resuming after epoch {run.start_epoch}"
               + (f", step {run.start_step}" if run.start_step else ""))
-    elif recipe_line(config):
-        print(recipe_line(config))
+        return
+    recipe = recipe_line(config, given, run.raw_model.config)
+    if recipe:
+        print(recipe)
+    unused = flags_without_effect(config, given, run.raw_model.config)
+    if unused:
+        print(f"note: no effect in this run: {', '.join(unused)}")
 
 
 def train_step(run, x, y, global_step):
@@ -1325,7 +1334,7 @@ def train(config, given, resume, folder):
     """Train in `folder` (a RunFolder, from which main reports a run that stops), then evaluate on
     the test set. Returns what final.json holds."""
     run = setup_run(config, given, resume, folder)
-    announce(run)
+    announce(run, given)
     if not resume and run.config["time_budget"]:
         fit_to_time_budget(run)
     stop = folder.stop

@@ -120,6 +120,7 @@ def test_load_dataset_reads_the_real_formats(tmp_path, name):
         n = 12 * (5 if canonical == "cifar10" and train else 1)
         size = 28 if info.in_chans == 1 else 32
         assert images.dtype == torch.uint8 and images.shape == (n, info.in_chans, size, size)
+        assert info.image_size == size  # the table that sizes the model before any data is loaded
         assert labels.dtype == torch.int64 and labels.shape == (n,)
         assert int(labels.max()) < info.num_classes
 
@@ -873,6 +874,7 @@ def test_real_files(name, train, count, per_class, tmp_path):
     images, labels = data.load_dataset(name, SHARED_DATA, train=train)
     size = 28 if name == "mnist" else 32
     assert images.shape == (count, data.DATASETS[name].in_chans, size, size) and images.dtype == torch.uint8
+    assert data.DATASETS[name].image_size == size  # the table that sizes the model before any data is loaded
     assert torch.bincount(labels).tolist() == per_class
     # nothing written into the shared folder; the verification is remembered in the user cache
     after = {f: os.stat(os.path.join(SHARED_DATA, f)).st_mtime_ns for f in all_files(SHARED_DATA)}

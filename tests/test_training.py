@@ -588,29 +588,44 @@ def test_model_flags_that_make_no_model_are_refused_before_any_data_is_loaded(tm
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
-def test_flags_given_that_change_nothing_in_the_run_are_named(tmp_path, capsys, monkeypatch):
+def test_flags_given_that_change_nothing_in_the_run_are_named():
     def unused(*argv):
         config, given = training.parse_config(list(argv))[:2]
         return training.flags_without_effect(config, given, training.check_model_flags(config))
 
     assert unused("--dataset", "mnist", "--chunk-size", "16", "--image-size", "48", "--flip", "--tta") == [
-        "--chunk-size (for --mlstm-form chunkwise)", "--image-size (for image folders)",
+        "--chunk-size 16 (for --mlstm-form chunkwise)", "--image-size 48 (for image folders)",
         "--flip (for datasets other than hand-written digits)", "--tta (for runs that train with random flips)"]
     assert unused("--dataset", "cifar", "--pad-to", "40", "--policy", "none", "--policy-ops", "3",
-                  "--policy-magnitude", "5") == ["--pad-to (for 28-px MNIST and Fashion-MNIST)",
-                                                 "--policy-ops (for --policy randaugment)",
-                                                 "--policy-magnitude (for --policy randaugment or trivialaugment)"]
+                  "--policy-magnitude", "5") == ["--pad-to 40 (for 28-px MNIST and Fashion-MNIST)",
+                                                 "--policy-ops 3 (for --policy randaugment)",
+                                                 "--policy-magnitude 5 (for --policy randaugment or trivialaugment)"]
     assert unused("--dataset", "cifar", "--policy", "trivialaugment", "--policy-ops", "3") == [
-        "--policy-ops (for --policy randaugment)"]
+        "--policy-ops 3 (for --policy randaugment)"]
     # where they act, no note: the same flags in the runs they are for
     assert unused("--dataset", "folder", "--mlstm-form", "chunkwise", "--chunk-size", "16", "--image-size", "48",
                   "--flip", "--tta", "--policy", "randaugment", "--policy-ops", "3") == []
     assert unused("--dataset", "mnist", "--pad-to", "40", "--policy", "trivialaugment", "--policy-magnitude", "5") == []
-    # and the run prints them before it starts
-    monkeypatch.setattr(training, "load_dataset", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
-    code, captured = run_main(["--dataset", "cifar", "--chunk-size", "16", "--data-dir", str(tmp_path), "--out-dir",
-                               str(tmp_path / "run")], capsys)
-    assert code == 130 and "note: no effect in this run: --chunk-size (for --mlstm-form chunkwise)" in captured.out
+    # named as given: --no-flip, not --flip
+    assert unused("--dataset", "mnist", "--no-flip", "--no-tta") == [
+        "--no-flip (for datasets other than hand-written digits)", "--no-tta (for runs that train with random flips)"]
+
+
+def test_a_new_run_opens_with_its_recipe_and_its_flags_without_effect_and_a_resumed_one_without(data_dir, tmp_path,
+                                                                                                capsys, monkeypatch):
+    monkeypatch.setitem(training.RECIPES, "folder", dict(epochs=1, ema=0.5))  # a recipe short enough for a test
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--chunk-size", "16",
+                                      "--policy-ops", "3"], capsys)
+    assert code == 0, captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("folder: ")
+    assert lines[1] == "recipe for folder (RECIPES in training.py): --epochs 1 --ema 0.5"
+    assert lines[2] == ("note: no effect in this run: --chunk-size 16 (for --mlstm-form chunkwise), --policy-ops 3 "
+                        "(for --policy randaugment)")
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    assert code == 0, captured.err
+    assert "resuming after epoch 1" in captured.out and "recipe for" not in captured.out and "note:" not in captured.out
 
 
 def test_the_model_input_size_follows_the_dataset_and_its_flags():
@@ -632,19 +647,29 @@ def test_defaults_pass_the_checks_and_recipes_list_only_what_differs():
     assert set(training.RESUME_OVERRIDABLE) <= set(FLAGS)
 
 
+def recipe_line(*argv):
+    config, given = training.parse_config(list(argv))[:2]
+    return training.recipe_line(config, given, training.check_model_flags(config))
+
+
 def test_a_new_run_names_the_settings_its_recipe_gave_as_flags_that_give_them_back():
     # --help shows the general defaults; the run's opening lines say what the dataset's recipe changed
     for dataset, recipe in training.RECIPES.items():
         config = training.parse_config(["--dataset", dataset])[0]
-        line = training.recipe_line(config)
+        line = recipe_line("--dataset", dataset)
         assert line.startswith(f"recipe for {dataset} (RECIPES in training.py): ")
         flags = line.split(": ", 1)[1].split()
         again = training.parse_config(["--dataset", dataset] + flags)[0]
         assert all(again[name] == value for name, value in recipe.items()) and again == config, dataset
-    # a setting the command line gave is not the recipe's
-    line = training.recipe_line(training.parse_config(["--dataset", "cifar", "--lr", "5e-4", "--ema", "0"])[0])
+    # a setting the command line gave is not the recipe's, even where it gave the recipe's own value
+    line = recipe_line("--dataset", "cifar", "--lr", "2e-3", "--ema", "0")
     assert "--epochs 33" in line and "--policy randaugment" in line and "--lr" not in line and "--ema" not in line
-    assert training.recipe_line(training.parse_config(["--dataset", "folder", "--epochs", "3"])[0]) is None
+    # a given --epochs ends the recipe's budget too; a setting with no effect in the run is not listed
+    assert recipe_line("--dataset", "cifar", "--epochs", "33") == (
+        "recipe for cifar10 (RECIPES in training.py): --lr 0.002 --policy randaugment --policy-ops 1 "
+        "--drop-path 0.05 --ema 0.999")
+    assert "--policy-ops" not in recipe_line("--dataset", "cifar", "--policy", "trivialaugment")
+    assert recipe_line("--dataset", "folder", "--epochs", "3") is None
     assert [training.option_text("flip", value) for value in (True, False)] == ["--flip", "--no-flip"]
 
 
