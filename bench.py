@@ -72,7 +72,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model
-from utils import (AUTOCAST_DTYPES, UserError, autocast, cpu_has_native_bf16, keep_freed_memory, out_of_memory,
+from utils import (AUTOCAST_DTYPES, UserError, autocast, has_native_bf16, keep_freed_memory, out_of_memory,
                    resolve_device, synchronize)
 
 if __name__ == "__main__":
@@ -630,10 +630,7 @@ def parse_args(argv=None):
     except UserError as error:
         command.error(str(error))
     on_cuda = device.type == "cuda"
-    # bf16 by default where training.py's --amp auto takes it: a GPU from Ampere on, a CPU with AVX512-BF16 or AMX
-    # (elsewhere it is emulated, and slower)
-    native_bf16 = (torch.cuda.get_device_capability(device)[0] >= 8 if on_cuda
-                   else device.type == "cpu" and cpu_has_native_bf16())
+    native_bf16 = has_native_bf16(device)  # bf16 by default where training.py's --amp auto takes it
     if args.command in ("train", "forms"):
         args.dtypes = args.dtypes or (["fp32", "bf16"] if native_bf16 else ["fp32"])
     if args.command == "train":

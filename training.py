@@ -48,12 +48,17 @@ from data import (DATASET_ALIASES, DATASETS, POLICIES, POLICY_OPS, Augment, Devi
 from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model, preset_config
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
-                   autocast, cpu_has_native_bf16, derive_seed, ensure_writable_dir, format_seconds, keep_freed_memory,
-                   json_text, learning_rate, load_checkpoint, out_of_memory, plot_curves, resolve_device,
+                   autocast, derive_seed, ensure_writable_dir, format_seconds, has_native_bf16, json_text,
+                   keep_freed_memory, learning_rate, load_checkpoint, out_of_memory, plot_curves, resolve_device,
                    save_checkpoint, save_json, setup_distributed, stop_requests, synchronize)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
+
+
+def flag_name(name):
+    """The command-line flag of a setting: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Flag:
         """Raise a UserError that names the flag unless value is allowed."""
         if value is None and self.default is None:
             return
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         if isinstance(self.allowed, tuple):
             if value not in self.allowed:
                 raise UserError(f"{flag} must be one of {', '.join(self.allowed)}, got {value!r}")
@@ -215,7 +220,7 @@ def build_parser(suppress_defaults=False):
             notes = ([f"in {flag.allowed}"] if isinstance(flag.allowed, str) else []) + \
                     ([f"default {flag.default}"] if flag.default is not None else [])
             help = "; ".join([flag.help, ", ".join(notes)] if notes else [flag.help]).replace("%", "%%")
-            option = "--" + name.replace("_", "-")
+            option = flag_name(name)
             if flag.type is bool:
                 group.add_argument(option, action=argparse.BooleanOptionalAction, help=help)
             elif isinstance(flag.allowed, tuple):  # checked by check_config, which names the flag
@@ -273,12 +278,7 @@ def autocast_dtype(amp, device):
     about 2x faster than float32 to the same accuracy (RESULTS.md, "CIFAR-10 within the hour"); float32
     elsewhere."""
     if amp == "auto":
-        if device.type == "cuda":
-            # native bf16 from Ampere (compute capability 8) on; is_bf16_supported() also counts
-            # the emulated bf16 of older GPUs, which is slower than float32
-            amp = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "off"
-        else:
-            amp = "bf16" if cpu_has_native_bf16() else "off"
+        amp = "bf16" if has_native_bf16(device) else "off"
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on the CPU")
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -615,7 +615,7 @@ def resolve_run(config, given, resume):
                      and saved.get(key) != config[key])
     if ignored:
         print(f"note: --resume uses the run's saved configuration; ignoring "
-              f"{', '.join('--' + key.replace('_', '-') for key in ignored)}")
+              f"{', '.join(flag_name(key) for key in ignored)}")
     for key in RESUME_OVERRIDABLE:
         if key in given or key not in saved:
             saved[key] = config[key]
@@ -1095,7 +1095,7 @@ def recipe_line(config, given, model_config):
 
 def option_text(name, value):
     """A setting as its command-line flag: --epochs 33, --flip or --no-flip."""
-    flag = "--" + name.replace("_", "-")
+    flag = flag_name(name)
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
     return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
@@ -1399,7 +1399,7 @@ def evaluate_checkpoint(path, given):
     ignored = sorted(key for key in given if key not in EVAL_OVERRIDABLE and config.get(key) != given[key])
     if ignored:
         print(f"note: --eval-only uses the checkpoint's saved configuration; ignoring "
-              f"{', '.join('--' + key.replace('_', '-') for key in ignored)}")
+              f"{', '.join(flag_name(key) for key in ignored)}")
     for key in EVAL_OVERRIDABLE:
         if key in given:
             config[key] = given[key]

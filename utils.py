@@ -295,6 +295,15 @@ def cpu_has_native_bf16():
     return False
 
 
+def has_native_bf16(device):
+    """Whether bf16 autocast runs natively on device (a torch.device), where it trains faster than float32: a GPU
+    from Ampere (compute capability 8) on, or a CPU with AVX512-BF16 or AMX (cpu_has_native_bf16)."""
+    if device.type == "cuda":
+        # torch.cuda.is_bf16_supported() also counts the emulated bf16 of older GPUs, slower than float32
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def keep_freed_memory():
     """Keep the memory this process frees for its next allocations (glibc malloc on Linux; elsewhere
     nothing is changed). Returns whether the setting was applied.

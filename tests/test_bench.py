@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import utils
 from mlstm import ViLBlock
 
 
@@ -126,13 +127,13 @@ def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monke
 def test_each_subcommand_takes_only_its_options(capsys, monkeypatch):
     args = bench.parse_args(["train", "--model", "vil-1m", "--dtypes", "fp32", "--no-compile", "--device", "cpu"])
     assert args.table is bench.training_table and args.dtypes == ["fp32"] and args.compile_modes == [False]
-    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: False)  # a CPU without native bf16
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)  # a CPU without native bf16
     args = bench.parse_args(["data", "--device", "cpu"])
     assert args.table is bench.data_table and args.dtype == "fp32" and args.compile is False
     assert bench.parse_args(["block", "--device", "cpu"]).table is bench.block_table
     # by default the dtypes training.py's --amp auto would train in: bf16 beside fp32 only where it is native
     for native in (False, True):
-        monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
         expected = ["fp32", "bf16"] if native else ["fp32"]
         assert bench.parse_args(["train", "--device", "cpu"]).dtypes == expected
         assert bench.parse_args(["forms", "--device", "cpu"]).dtypes == expected

@@ -16,6 +16,7 @@ import torch
 
 import mlstm
 import training
+import utils
 from helpers import TINY, run_main, write_folder_dataset
 from utils import format_seconds
 
@@ -393,10 +394,10 @@ def test_limit_train_on_a_folder_keeps_every_class(data_dir, tmp_path, capsys):
 
 def test_amp_auto_is_bf16_on_a_cpu_with_native_bf16_and_float32_on_one_without(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
     assert training.autocast_dtype("auto", cpu) == torch.bfloat16
     assert training.autocast_dtype("off", cpu) is None
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
     assert training.autocast_dtype("auto", cpu) is None
     assert training.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for: granted (emulated)
 
