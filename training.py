@@ -186,10 +186,10 @@ DEFAULTS = {name: flag.default for flags in FLAGS.values() for name, flag in fla
 RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, warmup_epochs=1.0),  # digits are never flipped (random_flips)
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
-    # at most 33 epochs, as many as fit 50 minutes of training (from timed steps, then again from the first
-    # epoch): the hour with room for the evaluation and for a machine that drifts (the timed steps ran faster
-    # than the epochs in five of the six budgeted runs of README.md's results table, by 4-16% on quiet
-    # machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
+    # at most 33 epochs, as many as fit 50 minutes of training (from timed steps, then again after each epoch
+    # of the first half): the hour with room for the evaluation and for a machine that drifts (the timed steps
+    # ran faster than the epochs in five of the six budgeted runs of README.md's results table, by 4-16% on
+    # quiet machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
     # "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
     "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
                     ema=0.999),
@@ -1006,7 +1006,7 @@ def fit_to_time_budget(run):
     """--time-budget on a new run: cut config["epochs"] (and the schedule) to the most epochs, at least
     one, whose training steps fit the budget on this machine, from step_seconds' estimate of a step.
     The estimate and the epochs asked for are recorded in config (config.json); refit_to_time_budget
-    fits them again after the first epoch."""
+    fits them again after the first epoch and after each later one of the run's first half."""
     config = run.config
     seconds = step_seconds(run)
     asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
@@ -1032,34 +1032,48 @@ def epochs_in_budget(budget_seconds, epoch_seconds, asked, done=0, spent=0.0):
     return max(done + 1, min(asked, fits))
 
 
-def refit_due(run, epoch):
-    """Whether `epoch` is the first of a run whose epochs the time budget fitted and is to fit again after it
-    (not where they were one, nor where a resumed run was given --epochs)."""
+def refit_due(run):
+    """Whether the time budget fits the run's epochs again after the epoch under way: after the first, and after
+    each later one in the first half of the run (while its learning rate is still above half the peak), not
+    where the timed steps gave one epoch, nor where a resumed run was given --epochs."""
     fit = run.config.get("time_budget_fit")
-    return epoch == 0 and fit is not None and bool(fit.get("refit_pending"))
+    return fit is not None and bool(fit.get("refit_pending"))
 
 
-def refit_to_time_budget(run, seconds, paced_seconds):
-    """--time-budget after the first epoch, which took `seconds`: the epochs (and the schedule, its warm-up too)
-    fitted again, at most the epochs asked for and at least one more, with that epoch counted as spent and the
-    others at its pace after its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace, or None
-    for the whole epoch's; the steps before take the run's own compile under --compile, and the first steps
-    after a resume warm up again). The first fit timed ten steps; whole epochs ran slower in five of the six
-    budgeted runs of README.md's results table on 2-core CPUs (by 4-16% on quiet machines, 18% where tests shared
-    the cores; 8% faster in the sixth), and a laptop that throttles falls further behind. Under torchrun the
-    slowest process's times count. Recorded in config (time_budget_fit); returns the line that reports it."""
+def refit_to_time_budget(run, epoch, seconds, paced_seconds):
+    """--time-budget after `epoch`, which took `seconds`: the epochs (and the schedule, its warm-up too) fitted
+    again, at most the epochs asked for and at least one more, with the epochs done counted as spent (the
+    run's train_seconds) and the others at this epoch's pace. The first epoch a process runs is paced after
+    its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace, or None for the whole epoch's;
+    those steps take the run's own compile under --compile, and the first steps after a resume warm up
+    again); later epochs are paced whole. The first fit timed ten steps; whole epochs ran slower in five of
+    the six budgeted runs of README.md's results table on 2-core CPUs (by 4-16% on quiet machines, 18% where
+    tests shared the cores; 8% faster in the sixth), a laptop that throttles falls further behind, and a
+    machine shared with other work changes its pace as that work comes and goes: refitting after every epoch
+    of the first half follows it, while a refit later would move the end of a cosine already decaying. Under
+    torchrun the slowest process's times count. Recorded in config (time_budget_fit["refits"]); returns the
+    line that reports it, or None where the epochs stay as they were after a refit past the first."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
-    seconds, paced_seconds = all_reduce_max([seconds, paced_seconds if paced else seconds], run.device)
-    config["epochs"] = epochs_in_budget(60 * config["time_budget"], paced_seconds, fit["epochs_asked"], done=1,
-                                        spent=seconds)
-    fit.update(first_epoch_seconds=seconds, paced_epoch_seconds=paced_seconds, refit_pending=False)
+    spent, paced_seconds = all_reduce_max([run.train_seconds, paced_seconds if paced else seconds], run.device)
+    before = config["epochs"]
+    config["epochs"] = epochs_in_budget(60 * config["time_budget"], paced_seconds, fit["epochs_asked"],
+                                        done=epoch + 1, spent=spent)
+    fit.setdefault("refits", []).append(dict(epoch=epoch + 1, spent_seconds=spent, pace_seconds=paced_seconds,
+                                             epochs=config["epochs"]))
+    fit["refit_pending"] = 2 * (epoch + 2) <= config["epochs"]  # the next epoch ends within the first half
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
-    estimate = fit["seconds_per_step"] * run.steps_per_epoch
-    pace = f"; {format_seconds(paced_seconds)} at its pace after {BUDGET_WARMUP_STEPS} steps" if paced else ""
-    return (f"time budget {config['time_budget']:g} min: epoch 1 took {format_seconds(seconds)} (estimated "
-            f"{format_seconds(estimate)}{pace}) -> {config['epochs']} of {fit['epochs_asked']} epochs, about "
-            f"{format_seconds(seconds + (config['epochs'] - 1) * paced_seconds)} of training")
+    ahead = (f"-> {config['epochs']} of {fit['epochs_asked']} epochs, about "
+             f"{format_seconds(spent + (config['epochs'] - epoch - 1) * paced_seconds)} of training")
+    if epoch == 0:
+        estimate = fit["seconds_per_step"] * run.steps_per_epoch
+        pace = f"; {format_seconds(paced_seconds)} at its pace after {BUDGET_WARMUP_STEPS} steps" if paced else ""
+        return (f"time budget {config['time_budget']:g} min: epoch 1 took {format_seconds(spent)} (estimated "
+                f"{format_seconds(estimate)}{pace}) {ahead}")
+    if config["epochs"] == before:
+        return None
+    return (f"time budget {config['time_budget']:g} min: {epoch + 1} epochs took {format_seconds(spent)}, the "
+            f"last {format_seconds(paced_seconds)} {ahead}")
 
 
 def step_seconds(run):
@@ -1290,7 +1304,8 @@ def end_epoch(run, epoch, meter, seconds):
     if run.config["eval_test_every_epoch"]:
         record["test_loss"], record["test_acc"] = evaluate_split(run, *run.test)
     # before the checkpoint, which then holds the epochs and schedule the run goes on with
-    refit = refit_to_time_budget(run, seconds, meter.paced_epoch_seconds(seconds)) if refit_due(run, epoch) else None
+    refit = (refit_to_time_budget(run, epoch, seconds, meter.paced_epoch_seconds(seconds))
+             if refit_due(run) else None)
     with run.folder.stop.deferred():  # the epoch's files are written whole, whatever signal arrives
         # the checkpoint first: a metrics line never refers to an epoch that is not saved
         best = run.val is not None and record["val_acc"] > run.best_val_acc
@@ -1341,7 +1356,7 @@ def train(config, given, resume, folder):
     folder.training = True
     with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
         epoch = run.start_epoch
-        while epoch < run.config["epochs"]:  # the time budget may refit the epochs after the first
+        while epoch < run.config["epochs"]:  # the time budget may refit the epochs in the first half
             progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}",
                                    run.is_main)
             start_step = run.start_step if epoch == run.start_epoch else 0
@@ -1350,9 +1365,10 @@ def train(config, given, resume, folder):
             for step, (x, y) in enumerate(run.loader.epoch(epoch, start_step), start=start_step):
                 loss, correct = train_step(run, x, y, epoch * run.steps_per_epoch + step)
                 meter.add(step, loss, correct, len(y))
-                if step + 1 == start_step + BUDGET_WARMUP_STEPS and refit_due(run, epoch):
+                # the first epoch this process runs: the time budget's refit reads the pace from here on
+                if step + 1 == start_step + BUDGET_WARMUP_STEPS and epoch == run.start_epoch and refit_due(run):
                     synchronize(run.device)
-                    meter.mark_pace(step + 1)  # the time budget's refit reads the pace from here on
+                    meter.mark_pace(step + 1)
                 if not check_due(run, step):
                     continue
                 loss_sum, correct_sum, stop_now = check_step(run, meter, epoch, step)

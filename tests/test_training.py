@@ -1163,13 +1163,19 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
                                                                     budget, step, first_steps, expected):
     # batch 4: 24 steps an epoch. The timed steps say 0.25 s a step, 6 s an epoch: 0.3 minutes hold 3 of the 12
     # epochs asked for, 1 minute 10. The run's clock then gives `step` seconds per 16 images seen, and
-    # `first_steps` seconds more spread over the first 3 steps (a compile, say). Epochs of 9 s leave room in 0.3
-    # minutes for one more (2 in all), of 4 s for 3 more, of 0.6 s for all 12, and of 60 s, over the whole
-    # budget, still for one more, so that the learning rate decays to the schedule's end; the 30 s of the first
-    # 3 steps count as spent, not as the pace (36 s spent and 4 epochs of 6 s in 1 minute)
+    # `first_steps` seconds more spread over the first 3 steps of the first epoch (a compile, say). Epochs of 9 s
+    # leave room in 0.3 minutes for one more (2 in all), of 4 s for 3 more, of 0.6 s for all 12, and of 60 s,
+    # over the whole budget, still for one more, so that the learning rate decays to the schedule's end; the
+    # 30 s of the first 3 steps count as spent, not as the pace (36 s spent and 4 epochs of 6 s in 1 minute).
+    # The later refits of the first half, at the same pace, keep the epochs and print nothing
     monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
-    monkeypatch.setattr(training.EpochMeter, "seconds",
-                        lambda meter: first_steps * min(meter.seen, 12) / 12 + meter.seen / 16 * step)
+    meters = []
+
+    def clock(meter):
+        meters.append(meter) if meter not in meters else None
+        return (first_steps * min(meter.seen, 12) / 12 if meter is meters[0] else 0.0) + meter.seen / 16 * step
+
+    monkeypatch.setattr(training.EpochMeter, "seconds", clock)
     saved_epochs, save = [], training.save  # the epochs in the config of each checkpoint as it is saved
     monkeypatch.setattr(training, "save", lambda run, *args, **kwargs: (saved_epochs.append(run.config["epochs"]),
                                                                          save(run, *args, **kwargs)))
@@ -1184,6 +1190,7 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
     assert (f"epoch 1 took {format_seconds(took)} (estimated 0:06; {format_seconds(paced)} at its pace after 3 "
             f"steps) -> {expected} of 12 epochs, about {format_seconds(took + (expected - 1) * paced)} of "
             f"training") in captured.out
+    assert "epochs took" not in captured.out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in metrics] == list(range(1, expected + 1))
     # epoch 1 ran on the first fit's schedule, the others on the refitted one, to its end
@@ -1193,12 +1200,52 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
     assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(expected * 24 - 1, *refitted, 3e-3))
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == expected and json.loads((out / "final.json").read_text())["epochs"] == expected
-    assert config["time_budget_fit"] == pytest.approx(dict(
-        seconds_per_step=0.25, epochs_asked=12, epochs_from_steps=first_fit, refit_pending=False,
-        first_epoch_seconds=took, paced_epoch_seconds=paced))
+    # refitted after epoch 1 and after each later epoch that ends within the first half of the run
+    refits = [dict(epoch=done, spent_seconds=took + (done - 1) * paced, pace_seconds=paced, epochs=expected)
+              for done in range(1, max(1, expected // 2) + 1)]
+    fit = config["time_budget_fit"]
+    assert [{key: pytest.approx(value) for key, value in refit.items()} for refit in refits] == fit.pop("refits")
+    assert fit == pytest.approx(dict(seconds_per_step=0.25, epochs_asked=12, epochs_from_steps=first_fit,
+                                     refit_pending=False))
     # every checkpoint, the first one too, holds the refitted epochs: a run resumed from it goes on to them
     assert saved_epochs == [expected] * expected
     assert captured.out.count("epoch 1 took") == 1
+
+
+@pytest.mark.parametrize("epoch_seconds, expected, line", [
+    # 6 s, then 12: 18 s spent leave 42 s, 3 epochs of 12 s; the 5 epochs' first half is then over
+    ([6, 12, 3, 3, 3], 5, "2 epochs took 0:18, the last 0:12 -> 5 of 12 epochs, about 0:54 of training"),
+    # 6 s, then 3: 9 s spent leave 51 s, all 12 epochs; after the 6th (of 12) no more refits
+    ([6, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], 12, "2 epochs took 0:09, the last 0:03 -> 12 of 12 epochs, about 0:39"),
+    # 6 s each through the first half of 10 epochs, then 1 s: the run keeps 10 epochs, not the 12 that now fit
+    ([6] * 6 + [1] * 4, 10, None),
+])
+def test_the_time_budget_follows_the_machines_pace_through_the_first_half(data_dir, tmp_path, capsys, monkeypatch,
+                                                                         epoch_seconds, expected, line):
+    # batch 4: 24 steps an epoch; the timed steps say 6 s an epoch, so 1 minute holds 10 of the 12 asked for
+    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
+    meters = []
+
+    def clock(meter):
+        meters.append(meter) if meter not in meters else None
+        return meter.seen / 96 * epoch_seconds[meters.index(meter)]
+
+    monkeypatch.setattr(training.EpochMeter, "seconds", clock)
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "12",
+                                      "--time-budget", "1", "--warmup-epochs", "1", "--batch-size", "4"], capsys)
+    assert code == 0, captured.err
+    assert "-> 10 of 12 epochs" in captured.out and "epoch 1 took 0:06 (estimated 0:06" in captured.out
+    assert (line is None and "epochs took" not in captured.out) or line in captured.out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in metrics] == list(range(1, expected + 1))
+    assert [record["seconds"] for record in metrics] == pytest.approx(epoch_seconds[:expected])
+    schedule = training.schedule_steps({"epochs": expected, "warmup_epochs": 1}, 24)
+    assert metrics[-1]["lr"] == pytest.approx(training.learning_rate(expected * 24 - 1, *schedule, 3e-3))
+    fit = json.loads((out / "config.json").read_text())["time_budget_fit"]
+    # one refit per epoch that ended within the first half of the run as planned after the refit before it
+    assert [refit["epoch"] for refit in fit["refits"]] == list(range(1, expected // 2 + 1))
+    assert fit["refits"][-1]["epochs"] == expected and not fit["refit_pending"]
 
 
 def test_the_pace_of_an_epoch_is_that_of_its_steps_after_the_mark(monkeypatch):
@@ -1219,28 +1266,43 @@ def test_the_pace_of_an_epoch_is_that_of_its_steps_after_the_mark(monkeypatch):
     assert late.paced_epoch_seconds(20.0) is None and training.EpochMeter(24, "cpu").paced_epoch_seconds(5.0) is None
 
 
-def test_a_run_stopped_in_its_first_epoch_is_refitted_when_resumed_unless_given_epochs(data_dir, tmp_path,
-                                                                                        capsys, monkeypatch):
-    # as above, 3 of 5 epochs from the timed steps and a first epoch of 9 s: refitted to 2 epochs; the resumed
-    # epoch takes its pace from its steps after its own first 3
+def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_epochs(data_dir, tmp_path, capsys,
+                                                                                       monkeypatch):
+    # 24 steps an epoch; the timed steps say 6 s an epoch: 0.6 minutes hold 6 of the 8 epochs asked for. The first
+    # epoch takes 9 s: 4 epochs; the second 4.5 s: 7 (13.5 s spent, 22.5 s left); the third as well: 7 still, and
+    # the first half is over. A resumed epoch takes its pace from its steps after its own first 3
     monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
-    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: meter.seen / 16 * 1.5)
-    common = TINY + ["--data-dir", data_dir, "--epochs", "5", "--time-budget", "0.3", "--ema", "0.9",
+    rate, end_epoch = [1.5], training.end_epoch  # seconds per 16 images: 1.5 in the first epoch, 0.75 after
+
+    def end_epoch_then_faster(run, epoch, meter, seconds):
+        end_epoch(run, epoch, meter, seconds)
+        rate[0] = 0.75
+
+    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: meter.seen / 16 * rate[0])
+    monkeypatch.setattr(training, "end_epoch", end_epoch_then_faster)
+    common = TINY + ["--data-dir", data_dir, "--epochs", "8", "--time-budget", "0.6", "--ema", "0.9",
                      "--batch-size", "4"]
     straight = tmp_path / "straight"
-    assert run_main(common + ["--out-dir", str(straight)], capsys)[0] == 0
+    code, captured = run_main(common + ["--out-dir", str(straight)], capsys)
+    assert code == 0, captured.err
+    assert "2 epochs took 0:14, the last 0:04 -> 7 of 8 epochs, about 0:36 of training" in captured.out
+    refits = json.loads((straight / "config.json").read_text())["time_budget_fit"]["refits"]
+    assert [(refit["epoch"], refit["epochs"]) for refit in refits] == [(1, 4), (2, 7), (3, 7)]
     real_cross_entropy, calls = training.F.cross_entropy, []
 
-    def loss_then_interrupt(logits, target, **kwargs):  # Ctrl-C during step 3 of epoch 1 (no timed steps here)
+    def loss_then_interrupt(logits, target, **kwargs):  # Ctrl-C during a step (no timed steps here)
         if kwargs.get("reduction", "mean") == "mean":
             calls.append(1)
-            if len(calls) == 3:
+            if len(calls) == stop_at:
                 os.kill(os.getpid(), signal.SIGINT)
         return real_cross_entropy(logits, target, **kwargs)
 
-    # resumed with --epochs, even the number the timed steps chose, the run keeps the epochs given
-    for name, extra, epochs in (("split", [], 2), ("given", ["--epochs", "3"], 3)):
+    # stopped in step 3 of epoch 1 or of epoch 2; resumed with --epochs, even the number the timed steps chose,
+    # the run keeps the epochs given
+    for name, stop_at, extra, epochs in (("split-1", 3, [], 7), ("split-2", 27, [], 7),
+                                         ("given", 3, ["--epochs", "3"], 3)):
         out = tmp_path / name
+        rate[0] = 1.5
         with monkeypatch.context() as patch:
             patch.setattr(training.F, "cross_entropy", loss_then_interrupt)
             calls.clear()
@@ -1248,9 +1310,11 @@ def test_a_run_stopped_in_its_first_epoch_is_refitted_when_resumed_unless_given_
         code, captured = run_main(["--resume", "--out-dir", str(out), *extra], capsys)
         assert code == 0, captured.err
         assert json.loads((out / "final.json").read_text())["epochs"] == epochs
-        assert ("epoch 1 took 0:09 (estimated 0:06; 0:09 at its pace" in captured.out) == (not extra)
-    # the refit in the resumed run is the uninterrupted run's
-    assert_same_weights(full_state(straight / "checkpoint.pt"), full_state(tmp_path / "split" / "checkpoint.pt"))
+        assert ("epoch 1 took 0:09 (estimated 0:06; 0:09 at its pace" in captured.out) == (name == "split-1")
+        assert ("2 epochs took 0:14" in captured.out) == (not extra)
+        if not extra:  # the refits in the resumed run are the uninterrupted run's
+            assert json.loads((out / "config.json").read_text())["time_budget_fit"]["refits"] == refits
+            assert_same_weights(full_state(straight / "checkpoint.pt"), full_state(out / "checkpoint.pt"))
 
 
 def test_the_cifar_recipe_fits_its_time_budget_unless_epochs_are_given():
