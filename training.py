@@ -140,8 +140,9 @@ FLAGS = {
         # a fixed number of epochs cannot promise an hour; the budget measures this machine instead
         time_budget=Flag(0.0, float, "[0, 1e6]", "minutes of training steps (evaluations come on top): "
                                                  "the epochs are cut to what fits them on this machine, from "
-                                                 "steps timed before the run and again from the first epoch "
-                                                 "(0: off; a given --epochs turns the recipe's off)"),
+                                                 "steps timed before the run and again after each epoch of "
+                                                 "the run's first half (0: off; a given --epochs turns the "
+                                                 "recipe's off)"),
         batch_size=Flag(256, int, "[1, 1048576]", "global batch (split over processes under torchrun)"),
         lr=Flag(1e-3, float, "(0, 10]", "peak learning rate of AdamW"),
         weight_decay=Flag(0.05, float, "[0, 10]", "AdamW weight decay of weight matrices and kernels"),
@@ -188,7 +189,7 @@ RECIPES = {
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 33 epochs, as many as fit 50 minutes of training (from timed steps, then again after each epoch
     # of the first half): the hour with room for the evaluation and for a machine that drifts (the timed steps
-    # ran faster than the epochs in five of the six budgeted runs of README.md's results table, by 4-16% on
+    # ran faster than the epochs in six of the seven budgeted runs of README.md's results table, by 4-16% on
     # quiet machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
     # "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
     "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
@@ -993,9 +994,13 @@ def training_state(model, config, device, dtype):
 
 
 def schedule_steps(config, steps_per_epoch):
-    """(total steps, warm-up steps) of the learning-rate schedule."""
+    """(total steps, warm-up steps) of the learning-rate schedule. After the time budget's first refit the
+    warm-up never grows (time_budget_fit["warmup_steps"]): a later refit that adds epochs lengthens the
+    cosine, not a warm-up that may have ended."""
     total_steps = config["epochs"] * steps_per_epoch
-    return total_steps, int(min(config["warmup_epochs"] * steps_per_epoch, 0.2 * total_steps))
+    warmup_steps = int(min(config["warmup_epochs"] * steps_per_epoch, 0.2 * total_steps))
+    fixed = (config.get("time_budget_fit") or {}).get("warmup_steps")
+    return total_steps, warmup_steps if fixed is None else min(fixed, warmup_steps)
 
 
 # --time-budget's estimate: untimed steps (caches and the allocator warm up), then timed ones
@@ -1011,7 +1016,7 @@ def fit_to_time_budget(run):
     seconds = step_seconds(run)
     asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked)
-    # refit_pending: refit_to_time_budget is still to come (a run of one epoch has none)
+    # refit_pending: a refit is due after the epoch under way (a run of one epoch has none)
     config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked, epochs_from_steps=config["epochs"],
                                      refit_pending=config["epochs"] > 1)
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
@@ -1034,27 +1039,23 @@ def epochs_in_budget(budget_seconds, epoch_seconds, asked, done=0, spent=0.0):
 
 def refit_due(run):
     """Whether the time budget fits the run's epochs again after the epoch under way: after the first, and after
-    each later one in the first half of the run (while its learning rate is still above half the peak), not
-    where the timed steps gave one epoch, nor where a resumed run was given --epochs."""
+    each later one that ends within the first half of the run as planned (before its cosine reaches the
+    middle), not where the timed steps gave one epoch, nor where a resumed run was given --epochs."""
     fit = run.config.get("time_budget_fit")
     return fit is not None and bool(fit.get("refit_pending"))
 
 
 def refit_to_time_budget(run, epoch, seconds, paced_seconds):
-    """--time-budget after `epoch`, which took `seconds`: the epochs (and the schedule, its warm-up too) fitted
-    again, at most the epochs asked for and at least one more, with the epochs done counted as spent (the
-    run's train_seconds) and the others at this epoch's pace. The first epoch a process runs is paced after
-    its first BUDGET_WARMUP_STEPS steps (paced_seconds: an epoch at that pace, or None for the whole epoch's;
-    those steps take the run's own compile under --compile, and the first steps after a resume warm up
-    again); later epochs are paced whole. The first fit timed ten steps; whole epochs ran slower in five of
-    the six budgeted runs of README.md's results table on 2-core CPUs (by 4-16% on quiet machines, 18% where
-    tests shared the cores; 8% faster in the sixth), a laptop that throttles falls further behind, and a
-    machine shared with other work changes its pace as that work comes and goes: refitting after every epoch
-    of the first half follows it, while a refit later would move the end of a cosine already decaying. Under
-    torchrun the slowest process's times count. Recorded in config (time_budget_fit["refits"]); returns the
-    line that reports it, or None where the epochs stay as they were after a refit past the first."""
+    """--time-budget after `epoch`, which took `seconds`: the epochs (and the schedule) fitted again, at most the
+    epochs asked for and at least one more than those done, the epochs done counted as spent (the run's
+    train_seconds) and the others at this epoch's pace: paced_seconds, an epoch at the pace of its steps after
+    the first BUDGET_WARMUP_STEPS, for the first epoch a process runs (its first steps warm up, or compile), or
+    None for the whole epoch's. Why a machine needs refits: README.md, "--time-budget". Under torchrun the
+    slowest process's times count. Recorded in config (time_budget_fit["refits"]); returns the line that
+    reports it, or None after a later refit that leaves the epochs unchanged."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
+    # a max: a resumed run's train_seconds are read back on process 0 only, and the slowest process's pace counts
     spent, paced_seconds = all_reduce_max([run.train_seconds, paced_seconds if paced else seconds], run.device)
     before = config["epochs"]
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], paced_seconds, fit["epochs_asked"],
@@ -1063,6 +1064,7 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
                                              epochs=config["epochs"]))
     fit["refit_pending"] = 2 * (epoch + 2) <= config["epochs"]  # the next epoch ends within the first half
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
+    fit.setdefault("warmup_steps", run.warmup_steps)  # set by the first refit, as schedule_steps then keeps it
     ahead = (f"-> {config['epochs']} of {fit['epochs_asked']} epochs, about "
              f"{format_seconds(spent + (config['epochs'] - epoch - 1) * paced_seconds)} of training")
     if epoch == 0:
@@ -1072,8 +1074,8 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
                 f"{format_seconds(estimate)}{pace}) {ahead}")
     if config["epochs"] == before:
         return None
-    return (f"time budget {config['time_budget']:g} min: {epoch + 1} epochs took {format_seconds(spent)}, the "
-            f"last {format_seconds(paced_seconds)} {ahead}")
+    return (f"time budget {config['time_budget']:g} min: {epoch + 1} epochs took {format_seconds(spent)}, at "
+            f"{format_seconds(paced_seconds)} an epoch {ahead}")
 
 
 def step_seconds(run):

@@ -347,7 +347,7 @@ def test_paths_that_are_not_what_the_flag_needs_are_named_with_what_to_do(data_d
 
 
 def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data_dir, tmp_path):
-    common = TINY + ["--data-dir", data_dir, "--epochs", "2", "--crop-padding", "0", "--ema", "0.9"]
+    common = TINY + ["--data-dir", data_dir, "--epochs", "4", "--crop-padding", "0", "--ema", "0.9"]
     single = run_script(common + ["--out-dir", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -363,9 +363,11 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data
     final_one = json.loads((tmp_path / "one" / "final.json").read_text())
     final_two = json.loads((tmp_path / "two" / "final.json").read_text())
     assert final_two["world_size"] == 2
-    # the budget's timed steps, on every process, agree on the epochs and leave the weights as they were
+    # the budget's timed steps and its refits after epochs 1 and 2 (the first half), on every process, agree on
+    # the epochs and leave the weights as they were
     config_two = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert config_two["epochs"] == 2 and config_two["time_budget_fit"]["epochs_asked"] == 2
+    assert config_two["epochs"] == 4 and config_two["time_budget_fit"]["epochs_asked"] == 4
+    assert [refit["epoch"] for refit in config_two["time_budget_fit"]["refits"]] == [1, 2]
     assert final_two["test_acc"] == pytest.approx(final_one["test_acc"], abs=1 / 32)
 
 
@@ -1157,6 +1159,19 @@ def test_epochs_in_budget_fills_the_budget_within_the_epochs_asked():
             assert again == asked or spent + (again + 1 - done) * epoch > budget
 
 
+def clock_epochs(monkeypatch, seconds):
+    """Timed steps of 0.25 s, and a clock for each epoch's meter: seconds(index of the meter in the run, images it
+    has seen) (the meters of one run are made one per epoch, in order)."""
+    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
+    meters = []
+
+    def clock(meter):
+        meters.append(meter) if meter not in meters else None
+        return seconds(meters.index(meter), meter.seen)
+
+    monkeypatch.setattr(training.EpochMeter, "seconds", clock)
+
+
 @pytest.mark.parametrize("budget, step, first_steps, expected", [
     (0.3, 1.5, 0.0, 2), (0.3, 2 / 3, 0.0, 4), (0.3, 0.1, 0.0, 12), (0.3, 10.0, 0.0, 2), (1.0, 1.0, 30.0, 5)])
 def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tmp_path, capsys, monkeypatch,
@@ -1168,14 +1183,8 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
     # over the whole budget, still for one more, so that the learning rate decays to the schedule's end; the
     # 30 s of the first 3 steps count as spent, not as the pace (36 s spent and 4 epochs of 6 s in 1 minute).
     # The later refits of the first half, at the same pace, keep the epochs and print nothing
-    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
-    meters = []
-
-    def clock(meter):
-        meters.append(meter) if meter not in meters else None
-        return (first_steps * min(meter.seen, 12) / 12 if meter is meters[0] else 0.0) + meter.seen / 16 * step
-
-    monkeypatch.setattr(training.EpochMeter, "seconds", clock)
+    clock_epochs(monkeypatch, lambda epoch, seen: (first_steps * min(seen, 12) / 12 if epoch == 0 else 0.0)
+                 + seen / 16 * step)
     saved_epochs, save = [], training.save  # the epochs in the config of each checkpoint as it is saved
     monkeypatch.setattr(training, "save", lambda run, *args, **kwargs: (saved_epochs.append(run.config["epochs"]),
                                                                          save(run, *args, **kwargs)))
@@ -1206,7 +1215,7 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
     fit = config["time_budget_fit"]
     assert [{key: pytest.approx(value) for key, value in refit.items()} for refit in refits] == fit.pop("refits")
     assert fit == pytest.approx(dict(seconds_per_step=0.25, epochs_asked=12, epochs_from_steps=first_fit,
-                                     refit_pending=False))
+                                     refit_pending=False, warmup_steps=refitted[1]))
     # every checkpoint, the first one too, holds the refitted epochs: a run resumed from it goes on to them
     assert saved_epochs == [expected] * expected
     assert captured.out.count("epoch 1 took") == 1
@@ -1214,23 +1223,16 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
 
 @pytest.mark.parametrize("epoch_seconds, expected, line", [
     # 6 s, then 12: 18 s spent leave 42 s, 3 epochs of 12 s; the 5 epochs' first half is then over
-    ([6, 12, 3, 3, 3], 5, "2 epochs took 0:18, the last 0:12 -> 5 of 12 epochs, about 0:54 of training"),
+    ([6, 12, 3, 3, 3], 5, "2 epochs took 0:18, at 0:12 an epoch -> 5 of 12 epochs, about 0:54 of training"),
     # 6 s, then 3: 9 s spent leave 51 s, all 12 epochs; after the 6th (of 12) no more refits
-    ([6, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], 12, "2 epochs took 0:09, the last 0:03 -> 12 of 12 epochs, about 0:39"),
+    ([6, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], 12, "2 epochs took 0:09, at 0:03 an epoch -> 12 of 12 epochs, about 0:39"),
     # 6 s each through the first half of 10 epochs, then 1 s: the run keeps 10 epochs, not the 12 that now fit
     ([6] * 6 + [1] * 4, 10, None),
 ])
 def test_the_time_budget_follows_the_machines_pace_through_the_first_half(data_dir, tmp_path, capsys, monkeypatch,
                                                                          epoch_seconds, expected, line):
     # batch 4: 24 steps an epoch; the timed steps say 6 s an epoch, so 1 minute holds 10 of the 12 asked for
-    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
-    meters = []
-
-    def clock(meter):
-        meters.append(meter) if meter not in meters else None
-        return meter.seen / 96 * epoch_seconds[meters.index(meter)]
-
-    monkeypatch.setattr(training.EpochMeter, "seconds", clock)
+    clock_epochs(monkeypatch, lambda epoch, seen: seen / 96 * epoch_seconds[epoch])
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "12",
                                       "--time-budget", "1", "--warmup-epochs", "1", "--batch-size", "4"], capsys)
@@ -1266,6 +1268,25 @@ def test_the_pace_of_an_epoch_is_that_of_its_steps_after_the_mark(monkeypatch):
     assert late.paced_epoch_seconds(20.0) is None and training.EpochMeter(24, "cpu").paced_epoch_seconds(5.0) is None
 
 
+def test_a_later_refit_lengthens_the_cosine_not_the_warm_up(data_dir, tmp_path, capsys, monkeypatch):
+    # --warmup-epochs 5: a warm-up of min(5, 0.2 x epochs) epochs. The timed steps say 6 s an epoch: 10 of the 20
+    # epochs asked for fit 1 minute, with a warm-up of 2 epochs (48 steps), which the refit after the first epoch
+    # (6 s) keeps. The second epoch takes 1 s: all 20 epochs fit, whose own warm-up would be 4 epochs; it stays
+    # at 48 steps, so the learning rate, at its peak after epoch 2, does not fall back into a warm-up
+    clock_epochs(monkeypatch, lambda epoch, seen: seen / 96 * (6.0 if epoch == 0 else 1.0))
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "20",
+                                      "--time-budget", "1", "--warmup-epochs", "5", "--batch-size", "4"], capsys)
+    assert code == 0, captured.err
+    assert "-> 10 of 20 epochs" in captured.out and "at 0:01 an epoch -> 20 of 20 epochs" in captured.out
+    fit = json.loads((out / "config.json").read_text())["time_budget_fit"]
+    assert fit["warmup_steps"] == 48
+    rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rates) == 20 and rates[1] == pytest.approx(3e-3)
+    assert all(later <= earlier for earlier, later in zip(rates[1:], rates[2:]))
+    assert rates[-1] == pytest.approx(training.learning_rate(20 * 24 - 1, 20 * 24, 48, 3e-3))
+
+
 def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_epochs(data_dir, tmp_path, capsys,
                                                                                        monkeypatch):
     # 24 steps an epoch; the timed steps say 6 s an epoch: 0.6 minutes hold 6 of the 8 epochs asked for. The first
@@ -1278,14 +1299,27 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
         end_epoch(run, epoch, meter, seconds)
         rate[0] = 0.75
 
-    monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: meter.seen / 16 * rate[0])
+    # `warm` seconds more over the first 3 steps after a resume (a resumed run warms up again)
+    warm, from_partial = [0.0], training.EpochMeter.from_partial
+
+    def from_partial_marked(partial, *args, **kwargs):
+        meter = from_partial(partial, *args, **kwargs)
+        meter.resumed_at = meter.seen if partial else None
+        return meter
+
+    def clock(meter):
+        resumed = getattr(meter, "resumed_at", None)
+        return meter.seen / 16 * rate[0] + (0.0 if resumed is None else warm[0] * min(meter.seen - resumed, 12) / 12)
+
+    monkeypatch.setattr(training.EpochMeter, "seconds", clock)
+    monkeypatch.setattr(training.EpochMeter, "from_partial", from_partial_marked)
     monkeypatch.setattr(training, "end_epoch", end_epoch_then_faster)
     common = TINY + ["--data-dir", data_dir, "--epochs", "8", "--time-budget", "0.6", "--ema", "0.9",
                      "--batch-size", "4"]
     straight = tmp_path / "straight"
     code, captured = run_main(common + ["--out-dir", str(straight)], capsys)
     assert code == 0, captured.err
-    assert "2 epochs took 0:14, the last 0:04 -> 7 of 8 epochs, about 0:36 of training" in captured.out
+    assert "2 epochs took 0:14, at 0:04 an epoch -> 7 of 8 epochs, about 0:36 of training" in captured.out
     refits = json.loads((straight / "config.json").read_text())["time_budget_fit"]["refits"]
     assert [(refit["epoch"], refit["epochs"]) for refit in refits] == [(1, 4), (2, 7), (3, 7)]
     real_cross_entropy, calls = training.F.cross_entropy, []
@@ -1300,7 +1334,7 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
     # stopped in step 3 of epoch 1 or of epoch 2; resumed with --epochs, even the number the timed steps chose,
     # the run keeps the epochs given
     for name, stop_at, extra, epochs in (("split-1", 3, [], 7), ("split-2", 27, [], 7),
-                                         ("given", 3, ["--epochs", "3"], 3)):
+                                         ("given", 3, ["--epochs", "6"], 6)):
         out = tmp_path / name
         rate[0] = 1.5
         with monkeypatch.context() as patch:
@@ -1315,6 +1349,19 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
         if not extra:  # the refits in the resumed run are the uninterrupted run's
             assert json.loads((out / "config.json").read_text())["time_budget_fit"]["refits"] == refits
             assert_same_weights(full_state(straight / "checkpoint.pt"), full_state(out / "checkpoint.pt"))
+    # stopped in epoch 2 and resumed on a machine whose first 3 steps take 9 s more: those count as spent
+    # (22.5 s), not as the pace, which the steps after them set (4.5 s an epoch): 5 epochs, not the 3 that an
+    # epoch paced whole (13.5 s) would leave
+    out, rate[0] = tmp_path / "warm", 1.5
+    with monkeypatch.context() as patch:
+        patch.setattr(training.F, "cross_entropy", loss_then_interrupt)
+        calls.clear()
+        stop_at = 27
+        assert run_main(common + ["--out-dir", str(out)], capsys)[0] == 130
+    warm[0] = 9.0
+    assert run_main(["--resume", "--out-dir", str(out)], capsys)[0] == 0
+    resumed = json.loads((out / "config.json").read_text())["time_budget_fit"]["refits"]
+    assert resumed[1] == pytest.approx(dict(epoch=2, spent_seconds=22.5, pace_seconds=4.5, epochs=5))
 
 
 def test_the_cifar_recipe_fits_its_time_budget_unless_epochs_are_given():
