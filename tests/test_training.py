@@ -363,8 +363,8 @@ def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data
     final_one = json.loads((tmp_path / "one" / "final.json").read_text())
     final_two = json.loads((tmp_path / "two" / "final.json").read_text())
     assert final_two["world_size"] == 2
-    # the budget's timed steps and its refits after epochs 1 and 2 (the first half), on every process, agree on
-    # the epochs and leave the weights as they were
+    # the budget's timed steps and its refits after epochs 1 and 2 (the first half) run on every process (their
+    # all-reduces pair up: a process that refitted alone would hang or fail) and leave the weights as they were
     config_two = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config_two["epochs"] == 4 and config_two["time_budget_fit"]["epochs_asked"] == 4
     assert [refit["epoch"] for refit in config_two["time_budget_fit"]["refits"]] == [1, 2]
@@ -1166,7 +1166,8 @@ def clock_epochs(monkeypatch, seconds):
     meters = []
 
     def clock(meter):
-        meters.append(meter) if meter not in meters else None
+        if meter not in meters:
+            meters.append(meter)
         return seconds(meters.index(meter), meter.seen)
 
     monkeypatch.setattr(training.EpochMeter, "seconds", clock)
@@ -1322,21 +1323,21 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
     assert "2 epochs took 0:14, at 0:04 an epoch -> 7 of 8 epochs, about 0:36 of training" in captured.out
     refits = json.loads((straight / "config.json").read_text())["time_budget_fit"]["refits"]
     assert [(refit["epoch"], refit["epochs"]) for refit in refits] == [(1, 4), (2, 7), (3, 7)]
-    real_cross_entropy, calls = training.F.cross_entropy, []
+    real_cross_entropy, calls, stop_at = training.F.cross_entropy, [], [0]
 
-    def loss_then_interrupt(logits, target, **kwargs):  # Ctrl-C during a step (no timed steps here)
+    def loss_then_interrupt(logits, target, **kwargs):  # Ctrl-C during step stop_at[0] (no timed steps here)
         if kwargs.get("reduction", "mean") == "mean":
             calls.append(1)
-            if len(calls) == stop_at:
+            if len(calls) == stop_at[0]:
                 os.kill(os.getpid(), signal.SIGINT)
         return real_cross_entropy(logits, target, **kwargs)
 
-    # stopped in step 3 of epoch 1 or of epoch 2; resumed with --epochs, even the number the timed steps chose,
-    # the run keeps the epochs given
-    for name, stop_at, extra, epochs in (("split-1", 3, [], 7), ("split-2", 27, [], 7),
-                                         ("given", 3, ["--epochs", "6"], 6)):
+    # stopped in step 3 of epoch 1, at the end of epoch 1 (a signal in its last step) or in step 3 of epoch 2;
+    # resumed with --epochs, even the number the timed steps chose, the run keeps the epochs given
+    for name, stop, extra, epochs in (("split-1", 3, [], 7), ("boundary", 24, [], 7), ("split-2", 27, [], 7),
+                                      ("given", 3, ["--epochs", "6"], 6)):
         out = tmp_path / name
-        rate[0] = 1.5
+        rate[0], stop_at[0] = 1.5, stop
         with monkeypatch.context() as patch:
             patch.setattr(training.F, "cross_entropy", loss_then_interrupt)
             calls.clear()
@@ -1352,11 +1353,10 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
     # stopped in epoch 2 and resumed on a machine whose first 3 steps take 9 s more: those count as spent
     # (22.5 s), not as the pace, which the steps after them set (4.5 s an epoch): 5 epochs, not the 3 that an
     # epoch paced whole (13.5 s) would leave
-    out, rate[0] = tmp_path / "warm", 1.5
+    out, rate[0], stop_at[0] = tmp_path / "warm", 1.5, 27
     with monkeypatch.context() as patch:
         patch.setattr(training.F, "cross_entropy", loss_then_interrupt)
         calls.clear()
-        stop_at = 27
         assert run_main(common + ["--out-dir", str(out)], capsys)[0] == 130
     warm[0] = 9.0
     assert run_main(["--resume", "--out-dir", str(out)], capsys)[0] == 0
