@@ -46,7 +46,7 @@ except ImportError:  # Windows: run folders are not locked there
 from data import (DATASET_ALIASES, DATASETS, POLICIES, POLICY_OPS, Augment, DeviceLoader, channel_mean_std,
                   folder_classes, load_dataset, seeded_choice, split_train_val)
 from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
-from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, create_model, preset_config
+from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, preset_config
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
                    autocast, derive_seed, ensure_writable_dir, format_seconds, has_native_bf16, json_text,
                    keep_freed_memory, learning_rate, load_checkpoint, out_of_memory, plot_curves, resolve_device,
@@ -294,11 +294,16 @@ def allow_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-def model_options(config):
-    """The model flags given (None keeps the preset's value) and the drop-path rate, as create_model's overrides."""
+def vil_config(config, num_classes, in_chans, img_size):
+    """The ViLConfig of a run's config: its preset with the model flags given (None keeps the preset's value) and
+    the drop-path rate; model flags that make no model become a UserError."""
     given = {key: config[key] for key in ("dim", "depth", "patch_size", "pooling", "conv_kind", "mlstm_form",
                                           "chunk_size") if config[key] is not None}
-    return dict(given, drop_path=config["drop_path"])
+    try:
+        return preset_config(config["model"], num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                             drop_path=config["drop_path"], **given)
+    except ValueError as error:
+        raise UserError(f"cannot build the model: {error}")
 
 
 def model_image_size(config):
@@ -316,11 +321,8 @@ def check_model_flags(config):
     --patch-size that does not divide the image) before any data is loaded or downloaded. Returns the
     model's ViLConfig (with a placeholder class count for an image folder)."""
     info = DATASETS[config["dataset"]]
-    try:  # an image folder's class count is not known yet, and no other setting depends on it
-        return preset_config(config["model"], num_classes=max(info.num_classes, 1), in_chans=info.in_chans,
-                             img_size=model_image_size(config), **model_options(config))
-    except ValueError as error:
-        raise UserError(f"cannot build the model: {error}")
+    # an image folder's class count is not known yet, and no other setting depends on it
+    return vil_config(config, max(info.num_classes, 1), info.in_chans, model_image_size(config))
 
 
 def settings_without_effect(config, model_config):
@@ -344,14 +346,6 @@ def flags_without_effect(config, given, model_config):
     return [f"{option_text(name, config[name])} (for {purpose})"
             for name, purpose in settings_without_effect(config, model_config).items() if name in given]
 
-
-def build_model(config, num_classes, in_chans, img_size):
-    """The model of a run's config; bad model flags become a UserError."""
-    try:
-        return create_model(config["model"], num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                            **model_options(config))
-    except ValueError as error:
-        raise UserError(f"cannot build the model: {error}")
 
 
 def random_flips(config):
@@ -944,7 +938,7 @@ def setup_run(config, given, resume, folder):
 
     # model, optimiser, schedule; the same initial weights on every process
     torch.manual_seed(config["seed"])
-    raw_model = build_model(config, num_classes, train_images.shape[1], (height, width)).to(device)
+    raw_model = VisionLSTM(vil_config(config, num_classes, train_images.shape[1], (height, width))).to(device)
     check_parallel_form_memory(raw_model.config, device, config["batch_size"] // world_size, dtype,
                                config["compile"])
     config["model_config"] = dataclasses.asdict(raw_model.config)

@@ -18,6 +18,7 @@ import mlstm
 import training
 import utils
 from helpers import TINY, run_main, write_folder_dataset
+from model import create_model
 from utils import format_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -564,7 +565,7 @@ def test_huge_sizes_are_refused_before_any_data_is_loaded_or_model_built(data_di
         raise AssertionError("the run went on to load data or build the model")
 
     monkeypatch.setattr(training, "load_dataset", must_not_be_reached)
-    monkeypatch.setattr(training, "create_model", must_not_be_reached)
+    monkeypatch.setattr(training, "VisionLSTM", must_not_be_reached)
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "run")] + args, capsys)
     assert code == 2 and captured.err.startswith(f"error: {args[0]} must be an integer in "), captured.err
     assert not (tmp_path / "run").exists()
@@ -583,7 +584,7 @@ def test_model_flags_that_make_no_model_are_refused_before_any_data_is_loaded(tm
         raise AssertionError("the run went on to load data or build the model")
 
     monkeypatch.setattr(training, "load_dataset", must_not_be_reached)
-    monkeypatch.setattr(training, "create_model", must_not_be_reached)
+    monkeypatch.setattr(training, "VisionLSTM", must_not_be_reached)
     code, captured = run_main(TINY + ["--dataset", dataset, "--data-dir", str(tmp_path / "data"),
                                       "--out-dir", str(tmp_path / "run")] + args, capsys)
     assert code == 2 and captured.err.startswith("error: cannot build the model: "), captured.err
@@ -919,7 +920,7 @@ def test_a_mid_epoch_partial_state_is_shared_out_over_the_processes_of_the_resum
 def test_the_old_preset_name_vil_seed_still_works_for_commands_and_saved_runs(trained_run, tmp_path, capsys):
     config = training.parse_config(["--dataset", "cifar", "--model", "vil-seed"])[0]
     assert (config["dataset"], config["model"]) == ("cifar10", "vil-1m")
-    old, new = training.create_model("vil-seed"), training.create_model("vil-1m")
+    old, new = create_model("vil-seed"), create_model("vil-1m")
     assert old.config == new.config
     out = copy_run(trained_run, tmp_path)  # a run saved when the preset was called vil-seed
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
