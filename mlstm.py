@@ -610,8 +610,9 @@ class ViLLayer(nn.Module):
     """The mLSTM layer of a ViL block (module docstring, part 4), reading the tokens in one direction.
 
     dim: model width D; reverse: read bottom-right to top-left; patch_grid: (rows, cols) of the
-    token grid, needed by the "2d" conv. forward(x: (B, S, D)) -> (B, S, D): the fast path the model
-    runs; reference_vil_layer below is the same function written out plainly.
+    token grid, needed by the "2d" conv. forward(x: (B, S, D), patch_grid=None) -> (B, S, D): the fast path
+    the model runs, on the grid given (that of a smaller image, say) or else on patch_grid;
+    reference_vil_layer below is the same function written out plainly.
     """
 
     def __init__(self, dim, reverse, patch_grid, conv_kind="2d", mlstm_form="parallel", chunk_size=64,
@@ -664,15 +665,15 @@ class ViLLayer(nn.Module):
         self.conv.reset_parameters()
         self.cell.reset_parameters()
 
-    def _conv(self, x):
-        """x: (B, S, inner) in this layer's reading order -> (B, S, inner)."""
+    def _conv(self, x, patch_grid):
+        """x: (B, S, inner) in this layer's reading order, on a grid of patch_grid -> (B, S, inner)."""
         batch, seq_len, inner = x.shape
         if self.conv_kind == "2d":
             # the reversed sequence of a row-major grid is the row-major grid rotated by 180
             # degrees, so the same reshape serves both directions
             # (B, inner, rows, cols) with the channels innermost in memory (channels_last), so that
             # neither the input nor the output needs a transposing copy
-            grid = x.reshape(batch, *self.patch_grid, inner).permute(0, 3, 1, 2)
+            grid = x.reshape(batch, *patch_grid, inner).permute(0, 3, 1, 2)
             return self.conv(grid).permute(0, 2, 3, 1).reshape(batch, seq_len, inner)
         out = self.conv(x.transpose(1, 2))[..., :seq_len]  # (B, inner, S): keep the causal outputs
         return out.transpose(1, 2)
@@ -736,7 +737,7 @@ class ViLLayer(nn.Module):
         h = torch.addcmul(h, self.skip.to(h.dtype), x_conv) * F.silu(z)  # in h's dtype
         return self.proj_down(h)
 
-    def forward(self, x):
+    def forward(self, x, patch_grid=None):
         # x in the dtype the up-projection computes in (bf16 under bf16 autocast), cast once here: autocast would
         # cast it for each of the two matmuls, and their input gradients would be cast back and summed in float32
         # (now they are summed in bf16: one more rounding of the gradient into x, about 2^-9)
@@ -744,19 +745,19 @@ class ViLLayer(nn.Module):
         if self.reverse:
             x = x.flip(1)
         x_mlstm, z = self._up(x)  # (B, S, inner) each
-        x_conv = F.silu(self._conv(x_mlstm))
+        x_conv = F.silu(self._conv(x_mlstm, patch_grid or self.patch_grid))
         h = self.cell(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
         out = self._out(h, x_conv, z)
         return out.flip(1) if self.reverse else out
 
 
-def reference_vil_layer(layer, x):
+def reference_vil_layer(layer, x, patch_grid=None):
     """ViLLayer.forward written out plainly from the layer's own parameters (module docstring,
     parts 3 and 4): dense block-diagonal q/k/v matrices, the gates from the concatenation [q, k, v],
     the recurrence step by step (recurrent_mlstm), an explicit per-head normalisation. The reference
     the tests hold the fast path to; slow.
 
-    layer: a ViLLayer; x: (B, S, D) -> (B, S, D).
+    layer: a ViLLayer; x: (B, S, D) on a grid of patch_grid (default: the layer's) -> (B, S, D).
     """
     batch, seq_len, _ = x.shape
     if layer.reverse:
@@ -765,7 +766,7 @@ def reference_vil_layer(layer, x):
     inner = x_mlstm.shape[-1]
     channels_first = x_mlstm.transpose(1, 2)  # (B, inner, S)
     if layer.conv_kind == "2d":
-        grid = channels_first.reshape(batch, inner, *layer.patch_grid)
+        grid = channels_first.reshape(batch, inner, *(patch_grid or layer.patch_grid))
         conv = F.conv2d(grid, layer.conv.weight, layer.conv.bias, padding=1, groups=inner).flatten(2)
     else:
         conv = F.conv1d(F.pad(channels_first, (3, 0)), layer.conv.weight, layer.conv.bias, groups=inner)
@@ -811,7 +812,7 @@ class ViLBlock(nn.Module):
     """x + DropPath(ViLLayer(LayerNorm(x))), one traversal direction (module docstring, part 4).
 
     direction: "top_left" (row-major from the top-left patch) or "bottom_right" (the reverse).
-    forward(x: (B, S, D)) -> (B, S, D).
+    forward(x: (B, S, D), patch_grid=None) -> (B, S, D), as ViLLayer's.
     """
 
     DIRECTIONS = ("top_left", "bottom_right")
@@ -827,5 +828,5 @@ class ViLBlock(nn.Module):
                               mlstm_form=mlstm_form, chunk_size=chunk_size, norm_bias=norm_bias, **layer_options)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x):
-        return x + self.drop_path(self.layer(self.norm(x)))
+    def forward(self, x, patch_grid=None):
+        return x + self.drop_path(self.layer(self.norm(x), patch_grid))

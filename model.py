@@ -3,7 +3,8 @@ the first and last token, a linear head. The blocks and the mLSTM maths are in m
 docstring, parts 1 to 4); around them, with C image channels and D the model width:
 
     x = Conv2d(C -> D, kernel = stride = patch_size)(image)    S = rows * cols tokens, row-major
-    x = x + pos_embed          learnable, one per patch, no class token; trunc-normal std 0.02
+    x = x + pos_embed          learnable, one per patch, no class token; trunc-normal std 0.02 (resized
+                               bilinearly for an image of another size than the config's)
     x = block_i(x), i < depth  blocks 0, 2, ... read from the top-left patch, 1, 3, ... from the bottom-right;
                                drop-path rate linear from 0 (first block) to drop_path (last)
     x = LayerNorm(x)           eps 1e-6
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mlstm import CONV_KINDS, MLSTM_FORMS, ViLBlock
 
@@ -87,7 +89,8 @@ class ViLConfig:
 
 
 class VisionLSTM(nn.Module):
-    """forward(x: (B, C, H, W) float) -> logits (B, num_classes)."""
+    """forward(x: (B, C, H, W) float) -> logits (B, num_classes). H and W are config.img_size's, or any other
+    multiples of the patch size (the position embedding is then resized: position_embedding)."""
 
     def __init__(self, config):
         super().__init__()
@@ -120,10 +123,25 @@ class VisionLSTM(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
+    def position_embedding(self, patch_grid):
+        """(1, S, D) for a grid of (rows, cols) patches: the learned one, or for an image of another size than
+        config.img_size the learned grid resized to that grid (bilinear, as FlexiViT resizes it), through which
+        a lower-resolution training step (training.py, --low-res) trains the learned one."""
+        if patch_grid == self.config.patch_grid:
+            return self.pos_embed
+        table = self.pos_embed.transpose(1, 2).reshape(1, self.config.dim, *self.config.patch_grid)
+        table = F.interpolate(table, size=patch_grid, mode="bilinear", align_corners=False)
+        return table.flatten(2).transpose(1, 2)
+
     def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, S, D), row-major patches
+        size, patch = tuple(x.shape[-2:]), self.config.patch_size
+        if size[0] % patch or size[1] % patch:
+            raise ValueError(f"image size {size[0]}x{size[1]} is not a multiple of the patch size {patch}")
+        x = self.patch_embed(x)  # (B, D, rows, cols)
+        patch_grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2) + self.position_embedding(patch_grid)  # (B, S, D), row-major patches
         for block in self.blocks:
-            x = block(x)
+            x = block(x, patch_grid)
         x = self.norm(x)
         if self.config.pooling == "bilateral_concat":
             pooled = torch.cat([x[:, 0], x[:, -1]], dim=-1)  # (B, 2 D)

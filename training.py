@@ -143,6 +143,12 @@ FLAGS = {
                                                  "steps timed before the run and again after each epoch of "
                                                  "the run's first half (0: off; a given --epochs turns the "
                                                  "recipe's off)"),
+        # progressive resizing: early epochs at low resolution cost a quarter as much (16 of 64 tokens) and
+        # learn the coarse features; the last third at full size adapts the model to it
+        low_res=Flag(1.0, float, "(0, 1]", "train the first third of the epochs on images scaled to this "
+                                          "fraction of their side, the second third halfway between it and "
+                                          "full size, the last third at full size; evaluation is always at "
+                                          "full size (1: off)"),
         batch_size=Flag(256, int, "[1, 1048576]", "global batch (split over processes under torchrun)"),
         lr=Flag(1e-3, float, "(0, 10]", "peak learning rate of AdamW"),
         weight_decay=Flag(0.05, float, "[0, 10]", "AdamW weight decay of weight matrices and kernels"),
@@ -191,9 +197,11 @@ RECIPES = {
     # of the first half): the hour with room for the evaluation and for a machine that drifts (the timed steps
     # ran faster than the epochs in six of the seven budgeted runs of README.md's results table, by 4-16% on
     # quiet machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
-    # "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2)
-    "cifar10": dict(epochs=33, time_budget=50.0, lr=2e-3, policy="randaugment", policy_ops=1, drop_path=0.05,
-                    ema=0.999),
+    # "Recipe ablations"); the first two thirds of the epochs at 16 and 24 px: more epochs in the budget, ahead
+    # on a validation split at equal training time (RESULTS.md, "Progressive resizing"); longer runs reach more
+    # (--epochs 100 --policy-ops 2 --low-res 1)
+    "cifar10": dict(epochs=33, time_budget=50.0, low_res=0.5, lr=2e-3, policy="randaugment", policy_ops=1,
+                    drop_path=0.05, ema=0.999),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
                      ema=0.999, warmup_epochs=5.0),
     "folder": dict(epochs=50),
@@ -793,12 +801,13 @@ def finite_weights(model, ema):
 
 class CompileFallback:
     """torch.compile(model), or the model itself once compiling has failed. Compilation happens at
-    the first call (and at a new input shape), and fails there on a machine without a working C
-    compiler or with a GPU that Triton does not support; --compile asks for speed only, so the run
-    goes on uncompiled after a note rather than losing the data loading it has done."""
+    the first call (and at a new input shape: one graph per image size of --low-res), and fails there on a
+    machine without a working C compiler or with a GPU that Triton does not support; --compile asks for speed
+    only, so the run goes on uncompiled after a note rather than losing the data loading it has done."""
 
     def __init__(self, model, verbose):
-        self.model, self.compiled, self.verbose = model, torch.compile(model), verbose
+        # dynamic=False: a static graph per image size, not one graph for any size after the second
+        self.model, self.compiled, self.verbose = model, torch.compile(model, dynamic=False), verbose
 
     def __call__(self, x):
         if self.compiled is not None:
@@ -997,38 +1006,94 @@ def schedule_steps(config, steps_per_epoch):
     return total_steps, warmup_steps if fixed is None else min(fixed, warmup_steps)
 
 
+def stage_sizes(config):
+    """--low-res: the (height, width) of the training images in the three thirds of the run's epochs: scaled by
+    --low-res, by halfway between it and 1, and full size (config["model_config"]["img_size"]); each side
+    rounded down to a multiple of the patch size, at least one patch."""
+    model_config = config["model_config"]
+    patch, low = model_config["patch_size"], config["low_res"]
+    return [tuple(max(patch, math.floor(side * scale + 1e-6) // patch * patch) for side in model_config["img_size"])
+            for scale in (low, (low + 1) / 2, 1.0)]
+
+
+def run_third(epoch, epochs):
+    """Which third (0, 1, 2) of a run of `epochs` holds `epoch` (from 0): the k-th begins at epoch floor(k epochs
+    / 3), so that the last is never empty (a run of one epoch is all last third, of two half second, half last)."""
+    return max(k for k in range(3) if k * epochs // 3 <= epoch)
+
+
+def train_image_size(config, epoch):
+    """(height, width) of the training images in `epoch` (from 0): stage_sizes of the run_third it lies in."""
+    return stage_sizes(config)[run_third(epoch, config["epochs"])]
+
+
+def resize_images(x, size):
+    """A batch (B, C, H, W) resized to size (height, width): area-weighted (antialiased bilinear) when smaller."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 # --time-budget's estimate: untimed steps (caches and the allocator warm up), then timed ones
 BUDGET_WARMUP_STEPS, BUDGET_TIMED_STEPS = 3, 10
 
 
 def fit_to_time_budget(run):
     """--time-budget on a new run: cut config["epochs"] (and the schedule) to the most epochs, at least
-    one, whose training steps fit the budget on this machine, from step_seconds' estimate of a step.
-    The estimate and the epochs asked for are recorded in config (config.json); refit_to_time_budget
-    fits them again after the first epoch and after each later one of the run's first half."""
+    one, whose training steps fit the budget on this machine, from step_seconds' estimate of a step (of each
+    image size under --low-res). The estimate and the epochs asked for are recorded in config (config.json);
+    refit_to_time_budget fits them again after the first epoch and after each later one of the run's first half."""
     config = run.config
-    seconds = step_seconds(run)
-    asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
-    config["epochs"] = epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked)
+    sizes = sorted(set(stage_sizes(config)))  # one size, the full one, without --low-res
+    timed = dict(zip(sizes, step_seconds(run, sizes)))
+    seconds = timed[sizes[-1]]  # a full-size step
     # refit_pending: a refit is due after the epoch under way (a run of one epoch has none)
-    config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=asked, epochs_from_steps=config["epochs"],
-                                     refit_pending=config["epochs"] > 1)
+    fit = config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=config["epochs"])
+    if len(sizes) > 1:  # a smaller image's step as a share of a full-size one's, per third of the run
+        fit["step_shares"] = [timed[size] / seconds for size in stage_sizes(config)]
+    asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
+    config["epochs"] = epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked, shares=budget_shares(config))
+    fit.update(epochs_from_steps=config["epochs"], refit_pending=config["epochs"] > 1)
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     if run.is_main:
         # where the budget cut the epochs, what the whole recipe would take here: on a slow machine (float32 on
         # a CPU without native bf16, say) the gap is the user's cue to give --epochs and more time
-        whole = f" (all {asked}: about {format_seconds(asked * epoch_seconds)})" if config["epochs"] < asked else ""
-        print(f"time budget {config['time_budget']:g} min: {seconds:.3f} s a step ({BUDGET_TIMED_STEPS} "
-              f"timed), {run.steps_per_epoch} steps an epoch -> {config['epochs']} of {asked} epochs, about "
-              f"{format_seconds(config['epochs'] * epoch_seconds)} of training{whole}", flush=True)
+        whole = (f" (all {asked}: about {format_seconds(epoch_seconds * budget_epochs(config, asked))})"
+                 if config["epochs"] < asked else "")
+        steps = (f"{seconds:.3f} s a step ({BUDGET_TIMED_STEPS} timed)" if len(sizes) == 1 else
+                 " / ".join(f"{timed[size]:.3f}" for size in sizes) + " s a step at "
+                 + " / ".join(f"{height}x{width}" for height, width in sizes) + f" px ({BUDGET_TIMED_STEPS} timed each)")
+        print(f"time budget {config['time_budget']:g} min: {steps}, {run.steps_per_epoch} steps an epoch -> "
+              f"{config['epochs']} of {asked} epochs, about "
+              f"{format_seconds(epoch_seconds * budget_epochs(config, config['epochs']))} of training{whole}",
+              flush=True)
 
 
-def epochs_in_budget(budget_seconds, epoch_seconds, asked, done=0, spent=0.0):
+def budget_shares(config):
+    """The time of an epoch in each third of the run as a share of a full-size epoch's (all 1 without --low-res)."""
+    return tuple(config["time_budget_fit"].get("step_shares", (1.0, 1.0, 1.0)))
+
+
+def budget_epochs(config, epochs, done=0):
+    """Epochs `done` to `epochs` of a run of `epochs`, counted in full-size epochs (budget_shares)."""
+    return epochs_ahead(epochs, done, budget_shares(config))
+
+
+def epochs_ahead(epochs, done, shares):
+    """Epochs `done` to `epochs` of a run of `epochs`, weighted by shares[k] in its k-th third (run_third)."""
+    starts = [k * epochs // 3 for k in range(3)] + [epochs]
+    return sum(share * max(0, starts[k + 1] - max(done, starts[k])) for k, share in enumerate(shares))
+
+
+def epochs_in_budget(budget_seconds, epoch_seconds, asked, done=0, spent=0.0, shares=(1.0, 1.0, 1.0)):
     """The most epochs, at most `asked`, whose training fits budget_seconds where `done` epochs took `spent`
-    seconds and each further one takes epoch_seconds. At least one, and after done > 0 epochs at least one
-    more: a schedule cut after the fact to the epochs done would end the run at a high learning rate."""
-    fits = done + int(max(0.0, budget_seconds - spent) // max(epoch_seconds, 1e-9))
-    return max(done + 1, min(asked, fits))
+    seconds and each further one takes epoch_seconds, times shares[k] in the k-th third of the run (--low-res:
+    budget_shares). At least one, and after done > 0 epochs at least one more: a schedule cut after the fact
+    to the epochs done would end the run at a high learning rate."""
+    for epochs in range(asked, done + 1, -1):
+        if spent + epoch_seconds * epochs_ahead(epochs, done, shares) <= budget_seconds:
+            return epochs
+    return done + 1
 
 
 def refit_due(run):
@@ -1044,38 +1109,45 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     epochs asked for and at least one more than those done, the epochs done counted as spent (the run's
     train_seconds) and the others at this epoch's pace: paced_seconds, an epoch at the pace of its steps after
     the first BUDGET_WARMUP_STEPS, for the first epoch a process runs (its first steps warm up, or compile), or
-    None for the whole epoch's. Why a machine needs refits: README.md, "--time-budget". Under torchrun the
+    None for the whole epoch's; under --low-res that pace is scaled to a full-size epoch's by the timed steps'
+    shares (budget_shares), which the epochs ahead then take. Why a machine needs refits: README.md, "--time-budget". Under torchrun the
     slowest process's times count. Recorded in config (time_budget_fit["refits"]); returns the line that
     reports it, or None after a later refit that leaves the epochs unchanged."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
     # a max: a resumed run's train_seconds are read back on process 0 only, and the slowest process's pace counts
     spent, paced_seconds = all_reduce_max([run.train_seconds, paced_seconds if paced else seconds], run.device)
-    before = config["epochs"]
+    before, shares = config["epochs"], budget_shares(config)
+    this_share = shares[run_third(epoch, before)]  # of the epoch just done (train_image_size)
+    paced_seconds /= this_share  # a full-size epoch's at that pace
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], paced_seconds, fit["epochs_asked"],
-                                        done=epoch + 1, spent=spent)
+                                        done=epoch + 1, spent=spent, shares=shares)
     fit.setdefault("refits", []).append(dict(epoch=epoch + 1, spent_seconds=spent, pace_seconds=paced_seconds,
                                              epochs=config["epochs"]))
     fit["refit_pending"] = 2 * (epoch + 2) <= config["epochs"]  # the next epoch ends within the first half
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     fit.setdefault("warmup_steps", run.warmup_steps)  # set by the first refit, as schedule_steps then keeps it
     ahead = (f"-> {config['epochs']} of {fit['epochs_asked']} epochs, about "
-             f"{format_seconds(spent + (config['epochs'] - epoch - 1) * paced_seconds)} of training")
+             f"{format_seconds(spent + budget_epochs(config, config['epochs'], epoch + 1) * paced_seconds)} of "
+             f"training")
     if epoch == 0:
-        estimate = fit["seconds_per_step"] * run.steps_per_epoch
-        pace = f"; {format_seconds(paced_seconds)} at its pace after {BUDGET_WARMUP_STEPS} steps" if paced else ""
+        estimate = fit["seconds_per_step"] * this_share * run.steps_per_epoch
+        pace = (f"; {format_seconds(paced_seconds * this_share)} at its pace after {BUDGET_WARMUP_STEPS} steps"
+                if paced else "")
         return (f"time budget {config['time_budget']:g} min: epoch 1 took {format_seconds(spent)} (estimated "
                 f"{format_seconds(estimate)}{pace}) {ahead}")
     if config["epochs"] == before:
         return None
+    size = " at full size" if len(set(shares)) > 1 else ""
     return (f"time budget {config['time_budget']:g} min: {epoch + 1} epochs took {format_seconds(spent)}, at "
-            f"{format_seconds(paced_seconds)} an epoch {ahead}")
+            f"{format_seconds(paced_seconds)} an epoch{size} {ahead}")
 
 
-def step_seconds(run):
-    """The seconds of one training step of the run on this machine: a throwaway copy of the model,
-    optimiser and EMA takes BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS steps on the run's own first
-    batches, the loader included, as the loop takes them; the timed ones' mean. The run's weights,
+def step_seconds(run, sizes):
+    """The seconds of one training step of the run on this machine at each image size of `sizes` (a list of
+    (height, width)): a throwaway copy of the model, optimiser and EMA takes BUDGET_WARMUP_STEPS +
+    BUDGET_TIMED_STEPS steps at each size on the run's own first batches, the loader included, as the loop
+    takes them; the timed ones' mean. The run's weights,
     optimiser state and random draws are untouched (every draw is a function of seed, epoch and step).
     Under --compile the copy is compiled too (the untimed steps take the compile); it runs without
     DistributedDataParallel: under torchrun each process times its own and the slowest counts."""
@@ -1085,13 +1157,17 @@ def step_seconds(run):
     model = CompileFallback(copied, verbose=False) if config["compile"] else copied
     probe = dataclasses.replace(run, raw_model=copied, model=model, optimizer=optimizer, scaler=scaler, ema=ema)
     batches = itertools.chain.from_iterable(run.loader.epoch(epoch) for epoch in itertools.count())
-    for step in range(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
-        if step == BUDGET_WARMUP_STEPS:
-            synchronize(run.device)
-            started = time.perf_counter()
-        train_step(probe, *next(batches), step)
-    synchronize(run.device)
-    return all_reduce_max([(time.perf_counter() - started) / BUDGET_TIMED_STEPS], run.device)[0]
+    seconds = []
+    for size in sizes:
+        for step in range(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
+            if step == BUDGET_WARMUP_STEPS:
+                synchronize(run.device)
+                started = time.perf_counter()
+            x, y = next(batches)
+            train_step(probe, resize_images(x, size), y, step)
+        synchronize(run.device)
+        seconds.append((time.perf_counter() - started) / BUDGET_TIMED_STEPS)
+    return all_reduce_max(seconds, run.device)
 
 
 def recipe_line(config, given, model_config):
@@ -1353,13 +1429,15 @@ def train(config, given, resume, folder):
     with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
         epoch = run.start_epoch
         while epoch < run.config["epochs"]:  # the time budget may refit the epochs in the first half
-            progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}",
+            size = train_image_size(run.config, epoch)  # smaller than the model's in early epochs of --low-res
+            at_size = "" if size == stage_sizes(run.config)[-1] else f" at {size[0]}x{size[1]} px"
+            progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}{at_size}",
                                    run.is_main)
             start_step = run.start_step if epoch == run.start_epoch else 0
             meter = EpochMeter.from_partial(run.partial if epoch == run.start_epoch else None, start_step,
                                             run.steps_per_epoch, run.device, run.world_size)
             for step, (x, y) in enumerate(run.loader.epoch(epoch, start_step), start=start_step):
-                loss, correct = train_step(run, x, y, epoch * run.steps_per_epoch + step)
+                loss, correct = train_step(run, resize_images(x, size), y, epoch * run.steps_per_epoch + step)
                 meter.add(step, loss, correct, len(y))
                 # the first epoch this process runs: the time budget's refit reads the pace from here on
                 if step + 1 == start_step + BUDGET_WARMUP_STEPS and epoch == run.start_epoch and refit_due(run):

@@ -322,3 +322,39 @@ def test_forward_and_backward_off_the_cpu_read_nothing_back_from_the_device(form
                                              label_smoothing=0.1)
     loss.backward()
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+def test_a_smaller_image_runs_on_its_own_grid_with_the_learned_position_embedding_resized():
+    # training.py's --low-res trains early epochs on smaller images: the model at 16 x 24 px (4 x 6 patches) on
+    # 8 x 12 px images must be the model built for 8 x 12 px whose position embedding is the learned one resized
+    torch.manual_seed(0)
+    model = create_model("vil-1m", img_size=(16, 24), **SMALL).double()
+    assert model.position_embedding((4, 6)) is model.pos_embed  # at its own size, the learned one itself
+    # halving each side, bilinear resizing averages each 2 x 2 block of the learned grid
+    table = model.pos_embed.detach().view(4, 6, -1)
+    resized = table.view(2, 2, 3, 2, -1).mean(dim=(1, 3)).reshape(1, 6, -1)
+    torch.testing.assert_close(model.position_embedding((2, 3)), resized)
+    small = create_model("vil-1m", img_size=(8, 12), **SMALL).double()
+    small.load_state_dict(dict(model.state_dict(), pos_embed=resized))
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    torch.testing.assert_close(model(x), small(x), rtol=1e-12, atol=1e-12)
+    model(x).square().sum().backward()  # a step at the smaller size trains the learned embedding
+    assert model.pos_embed.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        model(torch.randn(1, 3, 10, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("direction", ViLBlock.DIRECTIONS)
+def test_a_layer_given_another_grid_convolves_on_that_grid(direction):
+    # a layer built for a 3 x 4 grid, run on 2 x 6 tokens, is the layer built for 2 x 6 (the 2d conv's neighbours
+    # are those of the grid given), and the design written out on that grid
+    torch.manual_seed(2)
+    layer = ViLBlock(24, direction, (3, 4)).double().layer
+    other = ViLBlock(24, direction, (2, 6)).double().layer
+    for param in layer.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 12, 24, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, (2, 6)), other(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x, (2, 6)), reference_vil_layer(layer, x, (2, 6)), rtol=1e-10, atol=1e-12)
+    assert (layer(x, (2, 6)) - layer(x)).abs().max() > 1e-3  # the grid matters

@@ -1127,7 +1127,7 @@ def test_a_time_budget_cuts_the_epochs_to_what_fits_and_leaves_the_run_as_it_wou
 def test_a_time_budget_trains_the_epochs_whose_timed_steps_fit_it(data_dir, tmp_path, capsys, monkeypatch):
     # steps of 1 s, epochs of 6 steps (96 images, batch 16): 0.3 minutes hold 3 of the 5 epochs asked for; the
     # first epoch takes the 6 s estimated (its clock: 1 s per 16 images seen), so the refit after it keeps them
-    monkeypatch.setattr(training, "step_seconds", lambda run: 1.0)
+    monkeypatch.setattr(training, "step_seconds", lambda run, sizes: [1.0] * len(sizes))
     monkeypatch.setattr(training.EpochMeter, "seconds", lambda meter: meter.seen / 16)
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "5",
@@ -1163,7 +1163,7 @@ def test_epochs_in_budget_fills_the_budget_within_the_epochs_asked():
 def clock_epochs(monkeypatch, seconds):
     """Timed steps of 0.25 s, and a clock for each epoch's meter: seconds(index of the meter in the run, images it
     has seen) (the meters of one run are made one per epoch, in order)."""
-    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
+    monkeypatch.setattr(training, "step_seconds", lambda run, sizes: [0.25] * len(sizes))
     meters = []
 
     def clock(meter):
@@ -1294,7 +1294,7 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
     # 24 steps an epoch; the timed steps say 6 s an epoch: 0.6 minutes hold 6 of the 8 epochs asked for. The first
     # epoch takes 9 s: 4 epochs; the second 4.5 s: 7 (13.5 s spent, 22.5 s left); the third as well: 7 still, and
     # the first half is over. A resumed epoch takes its pace from its steps after its own first 3
-    monkeypatch.setattr(training, "step_seconds", lambda run: 0.25)
+    monkeypatch.setattr(training, "step_seconds", lambda run, sizes: [0.25] * len(sizes))
     rate, end_epoch = [1.5], training.end_epoch  # seconds per 16 images: 1.5 in the first epoch, 0.75 after
 
     def end_epoch_then_faster(run, epoch, meter, seconds):
