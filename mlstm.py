@@ -665,15 +665,16 @@ class ViLLayer(nn.Module):
         self.conv.reset_parameters()
         self.cell.reset_parameters()
 
-    def _conv(self, x, patch_grid):
-        """x: (B, S, inner) in this layer's reading order, on a grid of patch_grid -> (B, S, inner)."""
+    def _conv(self, x, patch_grid=None):
+        """x: (B, S, inner) in this layer's reading order, on a grid of patch_grid (default: the layer's)
+        -> (B, S, inner)."""
         batch, seq_len, inner = x.shape
         if self.conv_kind == "2d":
             # the reversed sequence of a row-major grid is the row-major grid rotated by 180
             # degrees, so the same reshape serves both directions
             # (B, inner, rows, cols) with the channels innermost in memory (channels_last), so that
             # neither the input nor the output needs a transposing copy
-            grid = x.reshape(batch, *patch_grid, inner).permute(0, 3, 1, 2)
+            grid = x.reshape(batch, *(patch_grid or self.patch_grid), inner).permute(0, 3, 1, 2)
             return self.conv(grid).permute(0, 2, 3, 1).reshape(batch, seq_len, inner)
         out = self.conv(x.transpose(1, 2))[..., :seq_len]  # (B, inner, S): keep the causal outputs
         return out.transpose(1, 2)
@@ -745,7 +746,7 @@ class ViLLayer(nn.Module):
         if self.reverse:
             x = x.flip(1)
         x_mlstm, z = self._up(x)  # (B, S, inner) each
-        x_conv = F.silu(self._conv(x_mlstm, patch_grid or self.patch_grid))
+        x_conv = F.silu(self._conv(x_mlstm, patch_grid))
         h = self.cell(*self._qkv_and_gates(x_conv, x_mlstm))  # (B, S, inner)
         out = self._out(h, x_conv, z)
         return out.flip(1) if self.reverse else out

@@ -148,7 +148,7 @@ FLAGS = {
         low_res=Flag(1.0, float, "(0, 1]", "train the first third of the epochs on images scaled to this "
                                           "fraction of their side, the second third halfway between it and "
                                           "full size, the last third at full size; evaluation is always at "
-                                          "full size (1: off)"),
+                                          "full size (1: off; a given --epochs turns the recipe's off)"),
         batch_size=Flag(256, int, "[1, 1048576]", "global batch (split over processes under torchrun)"),
         lr=Flag(1e-3, float, "(0, 10]", "peak learning rate of AdamW"),
         weight_decay=Flag(0.05, float, "[0, 10]", "AdamW weight decay of weight matrices and kernels"),
@@ -195,11 +195,11 @@ RECIPES = {
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 33 epochs, as many as fit 50 minutes of training (from timed steps, then again after each epoch
     # of the first half): the hour with room for the evaluation and for a machine that drifts (the timed steps
-    # ran faster than the epochs in six of the seven budgeted runs of README.md's results table, by 4-16% on
+    # ran faster than the epochs in seven of the eight budgeted runs of README.md's results table, by 4-18% on
     # quiet machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
     # "Recipe ablations"); the first two thirds of the epochs at 16 and 24 px: more epochs in the budget, ahead
     # on a validation split at equal training time (RESULTS.md, "Progressive resizing"); longer runs reach more
-    # (--epochs 100 --policy-ops 2 --low-res 1)
+    # (--epochs 100 --policy-ops 2; a given --epochs turns the budget and the low resolution off)
     "cifar10": dict(epochs=33, time_budget=50.0, low_res=0.5, lr=2e-3, policy="randaugment", policy_ops=1,
                     drop_path=0.05, ema=0.999),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
@@ -208,6 +208,9 @@ RECIPES = {
 }
 # On --resume the run's own config.json is used; only these may be changed on the command line.
 RESUME_OVERRIDABLE = ("epochs", "device", "data_dir", "compile", "tta", "amp")
+# settings added after runs were saved, with the value that trains as those runs did: no budget (only a new run
+# reads it), full-size images
+NEWER_SETTINGS = dict(time_budget=0.0, low_res=1.0)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -257,8 +260,11 @@ def parse_config(argv):
         raise UserError("--eval-only and --resume exclude each other: evaluate a saved run, or continue it")
     given = canonical_names(given)
     config = {**DEFAULTS, **RECIPES.get(given.get("dataset", DEFAULTS["dataset"]), {}), **given}
-    if "epochs" in given and "time_budget" not in given:
-        config["time_budget"] = 0.0  # the epochs asked for are the run's: the recipe's budget is off
+    # the epochs asked for are the run's: the recipe's budget is off, and so is its low resolution, which serves
+    # the budget (it was measured in budgeted runs only)
+    for name in ("time_budget", "low_res"):
+        if "epochs" in given and name not in given:
+            config[name] = DEFAULTS[name]
     check_config(config)
     return config, set(given), resume, eval_only, checkpoint
 
@@ -610,10 +616,11 @@ def resolve_run(config, given, resume):
         raise UserError(f"{path} lacks {', '.join(missing)}, so the run cannot continue from it (a best.pt "
                         f"copied over it, or a file of another version?); evaluate it with --eval-only "
                         f"--checkpoint {shlex.quote(path)}, or start a new run in another --out-dir")
-    # an overridable setting may be missing: the command line (or the default) gives it
-    # a run saved before --time-budget existed had none (only a new run reads it)
-    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - {"time_budget"})
-    saved.setdefault("time_budget", 0.0)
+    # an overridable setting may be missing: the command line (or the default) gives it; a setting newer than
+    # the run is missing too, and takes the value that trains as the run did
+    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - set(NEWER_SETTINGS))
+    for key, value in NEWER_SETTINGS.items():
+        saved.setdefault(key, value)
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
                      and saved.get(key) != config[key])
     if ignored:
@@ -1028,7 +1035,8 @@ def train_image_size(config, epoch):
 
 
 def resize_images(x, size):
-    """A batch (B, C, H, W) resized to size (height, width): area-weighted (antialiased bilinear) when smaller."""
+    """A batch (B, C, H, W) resized to size (height, width), antialiased bilinear (at half size a triangle filter
+    over 4 pixels a side); the batch itself at its own size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -1060,9 +1068,10 @@ def fit_to_time_budget(run):
         # a CPU without native bf16, say) the gap is the user's cue to give --epochs and more time
         whole = (f" (all {asked}: about {format_seconds(epoch_seconds * budget_epochs(config, asked))})"
                  if config["epochs"] < asked else "")
+        at_sizes = " / ".join(f"{height}x{width}" for height, width in sizes)
         steps = (f"{seconds:.3f} s a step ({BUDGET_TIMED_STEPS} timed)" if len(sizes) == 1 else
-                 " / ".join(f"{timed[size]:.3f}" for size in sizes) + " s a step at "
-                 + " / ".join(f"{height}x{width}" for height, width in sizes) + f" px ({BUDGET_TIMED_STEPS} timed each)")
+                 " / ".join(f"{timed[size]:.3f}" for size in sizes)
+                 + f" s a step at {at_sizes} px ({BUDGET_TIMED_STEPS} timed each)")
         print(f"time budget {config['time_budget']:g} min: {steps}, {run.steps_per_epoch} steps an epoch -> "
               f"{config['epochs']} of {asked} epochs, about "
               f"{format_seconds(epoch_seconds * budget_epochs(config, config['epochs']))} of training{whole}",
@@ -1108,11 +1117,12 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     """--time-budget after `epoch`, which took `seconds`: the epochs (and the schedule) fitted again, at most the
     epochs asked for and at least one more than those done, the epochs done counted as spent (the run's
     train_seconds) and the others at this epoch's pace: paced_seconds, an epoch at the pace of its steps after
-    the first BUDGET_WARMUP_STEPS, for the first epoch a process runs (its first steps warm up, or compile), or
-    None for the whole epoch's; under --low-res that pace is scaled to a full-size epoch's by the timed steps'
-    shares (budget_shares), which the epochs ahead then take. Why a machine needs refits: README.md, "--time-budget". Under torchrun the
-    slowest process's times count. Recorded in config (time_budget_fit["refits"]); returns the line that
-    reports it, or None after a later refit that leaves the epochs unchanged."""
+    the first BUDGET_WARMUP_STEPS, for the first epoch a process runs and the first at a new size of --low-res
+    (their first steps warm up, or compile), or None for the whole epoch's; under --low-res that pace is scaled to a full-size epoch's by the timed steps'
+    shares (budget_shares), which the epochs ahead then take. Why a machine needs refits: README.md,
+    "--time-budget". Under torchrun the slowest process's times count. Recorded in config
+    (time_budget_fit["refits"]); returns the line that reports it, or None after a later refit that leaves the
+    epochs unchanged."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
     # a max: a resumed run's train_seconds are read back on process 0 only, and the slowest process's pace counts
@@ -1371,6 +1381,8 @@ def end_epoch(run, epoch, meter, seconds):
     record = dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen,
                   lr=run.lr_at((epoch + 1) * run.steps_per_epoch - 1), images_per_second=seen / seconds,
                   seconds=seconds)
+    if run.config["low_res"] < 1:  # the size the epoch trained at (evaluation is at full size)
+        record["image_size"] = list(train_image_size(run.config, epoch))
     if run.val is not None:
         record["val_loss"], record["val_acc"] = evaluate_split(run, *run.val)
     if run.config["eval_test_every_epoch"]:
@@ -1439,8 +1451,10 @@ def train(config, given, resume, folder):
             for step, (x, y) in enumerate(run.loader.epoch(epoch, start_step), start=start_step):
                 loss, correct = train_step(run, resize_images(x, size), y, epoch * run.steps_per_epoch + step)
                 meter.add(step, loss, correct, len(y))
-                # the first epoch this process runs: the time budget's refit reads the pace from here on
-                if step + 1 == start_step + BUDGET_WARMUP_STEPS and epoch == run.start_epoch and refit_due(run):
+                # the first epoch this process runs, or the first at a new size (--low-res: under --compile its
+                # first steps compile that size): the time budget's refit reads the pace from here on
+                if (step + 1 == start_step + BUDGET_WARMUP_STEPS and refit_due(run)
+                        and (epoch == run.start_epoch or size != train_image_size(run.config, epoch - 1))):
                     synchronize(run.device)
                     meter.mark_pace(step + 1)
                 if not check_due(run, step):

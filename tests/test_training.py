@@ -85,8 +85,9 @@ def full_state(path):
 @pytest.mark.parametrize("stop_at", ["end of epoch 1", "epoch 2, step 3"])
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(data_dir, tmp_path, monkeypatch, stop_at):
     straight, split = tmp_path / "straight", tmp_path / "split"
+    # --low-res: the 3 epochs train at 8, 12 and 16 px, so the stop in epoch 2 falls in a smaller size's third
     common = TINY + ["--data-dir", data_dir, "--drop-path", "0.2", "--ema", "0.9", "--epochs", "3",
-                     "--mixup", "0.5", "--erasing", "0.5"]
+                     "--mixup", "0.5", "--erasing", "0.5", "--low-res", "0.5"]
     assert run_main(common + ["--out-dir", str(straight)])[0] == 0
     # Ctrl-C arrives while epoch 1 is written, or during step 3 of epoch 2 (6 steps per epoch)
     real_plot, real_cross_entropy, calls = training.plot_curves, training.F.cross_entropy, []
@@ -1031,7 +1032,8 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_a_note(data_dir, tmp_p
     def no_c_compiler(graph, example_inputs):
         raise RuntimeError("simulated: no working C compiler")
 
-    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=no_c_compiler))
+    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(model, backend=no_c_compiler,
+                                                                                  **options))
     out = tmp_path / "run"
     try:
         code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1",
@@ -1160,10 +1162,11 @@ def test_epochs_in_budget_fills_the_budget_within_the_epochs_asked():
             assert again == asked or spent + (again + 1 - done) * epoch > budget
 
 
-def clock_epochs(monkeypatch, seconds):
-    """Timed steps of 0.25 s, and a clock for each epoch's meter: seconds(index of the meter in the run, images it
-    has seen) (the meters of one run are made one per epoch, in order)."""
-    monkeypatch.setattr(training, "step_seconds", lambda run, sizes: [0.25] * len(sizes))
+def clock_epochs(monkeypatch, seconds, step=lambda size: 0.25):
+    """Timed steps of step(image size) seconds (0.25 s at any size by default), and a clock for each epoch's
+    meter: seconds(index of the meter in the run, images it has seen) (the meters of one run are made one per
+    epoch, in order)."""
+    monkeypatch.setattr(training, "step_seconds", lambda run, sizes: [step(size) for size in sizes])
     meters = []
 
     def clock(meter):
@@ -1365,24 +1368,33 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
     assert resumed[1] == pytest.approx(dict(epoch=2, spent_seconds=22.5, pace_seconds=4.5, epochs=5))
 
 
-def test_the_cifar_recipe_fits_its_time_budget_unless_epochs_are_given():
+def test_the_cifar_recipe_fits_its_time_budget_at_low_res_unless_epochs_are_given():
     config = training.parse_config(["--dataset", "cifar"])[0]
     assert config["time_budget"] == training.RECIPES["cifar10"]["time_budget"] > 0
-    assert training.parse_config(["--dataset", "cifar", "--epochs", "100"])[0]["time_budget"] == 0
-    both = training.parse_config(["--dataset", "cifar", "--epochs", "100", "--time-budget", "30"])[0]
-    assert (both["epochs"], both["time_budget"]) == (100, 30)
+    assert config["low_res"] == training.RECIPES["cifar10"]["low_res"] < 1
+    fixed = training.parse_config(["--dataset", "cifar", "--epochs", "100"])[0]
+    assert (fixed["time_budget"], fixed["low_res"]) == (0, 1)
+    both = training.parse_config(["--dataset", "cifar", "--epochs", "100", "--time-budget", "30", "--low-res",
+                                  "0.5"])[0]
+    assert (both["epochs"], both["time_budget"], both["low_res"]) == (100, 30, 0.5)
     assert training.parse_config(["--dataset", "mnist"])[0]["time_budget"] == 0
 
 
-def test_a_run_saved_before_the_time_budget_existed_resumes_without_one(trained_run, tmp_path, capsys):
+def test_a_run_saved_before_the_time_budget_and_low_res_existed_resumes_without_them(trained_run, tmp_path,
+                                                                                       capsys, monkeypatch):
     out = copy_run(trained_run, tmp_path)
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    del checkpoint["config"]["time_budget"]
+    del checkpoint["config"]["time_budget"], checkpoint["config"]["low_res"]
     torch.save(checkpoint, out / "checkpoint.pt")
-    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    sizes, train_step = set(), training.train_step
+    monkeypatch.setattr(training, "train_step", lambda run, x, y, step: (sizes.add(tuple(x.shape[-2:])),
+                                                                          train_step(run, x, y, step))[1])
+    # epochs 2-6 of 6: under --low-res 0.5 the second would train at 8 px, the third and fourth at 12
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "6"], capsys)
     assert code == 0, captured.err
-    assert "time budget" not in captured.out
-    assert json.loads((out / "config.json").read_text())["time_budget"] == 0
+    assert "time budget" not in captured.out and sizes == {(16, 16)}
+    config = json.loads((out / "config.json").read_text())
+    assert (config["time_budget"], config["low_res"]) == (0, 1)
 
 
 @pytest.mark.parametrize("key, value, named", [
@@ -1419,3 +1431,115 @@ def test_eval_only_checks_the_saved_settings_the_command_line_does_not_replace(t
     assert code == 2 and "--amp must be one of" in captured.err
     code, captured = run_main(["--eval-only", "--checkpoint", str(path), "--amp", "off"], capsys)
     assert code == 0, captured.err
+
+
+@pytest.mark.parametrize("img_size, patch, low, expected", [
+    ((32, 32), 4, 0.5, [(16, 16), (24, 24), (32, 32)]),  # the CIFAR-10 recipe
+    ((32, 32), 4, 1.0, [(32, 32)] * 3),  # off
+    ((28, 20), 4, 0.5, [(12, 8), (20, 12), (28, 20)]),  # 14 x 10 and 21 x 15 px rounded down to whole patches
+    ((16, 16), 8, 0.1, [(8, 8), (8, 8), (16, 16)]),  # never less than one patch
+])
+def test_low_res_scales_the_first_third_by_it_and_the_second_halfway(img_size, patch, low, expected):
+    config = dict(low_res=low, model_config=dict(img_size=list(img_size), patch_size=patch))
+    assert training.stage_sizes(config) == expected
+
+
+def test_the_thirds_of_a_run_and_their_share_of_the_budget():
+    shares = (0.25, 0.5625, 1.0)
+    for epochs in range(1, 40):
+        thirds = [training.run_third(epoch, epochs) for epoch in range(epochs)]
+        counts = [thirds.count(k) for k in range(3)]
+        # in order, as equal as whole epochs allow, the later the longer: the last epoch is always at full size
+        assert thirds == sorted(thirds) and counts == sorted(counts) and counts[2] - counts[0] <= 1
+        assert thirds[-1] == 2
+        for done in range(epochs + 1):
+            assert training.epochs_ahead(epochs, done, shares) == pytest.approx(
+                sum(shares[third] for third in thirds[done:]))
+
+
+def test_epochs_in_budget_weighs_each_third_by_its_share():
+    shares = (0.25, 0.5625, 1.0)
+
+    def seconds(epochs, done, spent, epoch_seconds):
+        return spent + epoch_seconds * sum(shares[training.run_third(e, epochs)] for e in range(done, epochs))
+
+    for budget, epoch_seconds, asked, done, spent in [(60.0, 6.0, 20, 0, 0.0), (60.0, 6.0, 33, 0, 0.0),
+                                                      (100.0, 7.0, 50, 3, 10.0), (5.0, 9.0, 4, 0, 0.0),
+                                                      (60.0, 6.0, 20, 2, 50.0), (3000.0, 1.0, 33, 0, 0.0)]:
+        fitted = training.epochs_in_budget(budget, epoch_seconds, asked, done=done, spent=spent, shares=shares)
+        # the most epochs that fit, at most those asked for and at least one more than those done
+        assert done + 1 <= fitted <= asked
+        assert seconds(fitted, done, spent, epoch_seconds) <= budget or fitted == done + 1
+        assert all(seconds(more, done, spent, epoch_seconds) > budget for more in range(fitted + 1, asked + 1))
+
+
+def test_low_res_trains_each_third_of_the_epochs_at_its_size_and_evaluates_at_full_size(data_dir, tmp_path, capsys,
+                                                                                        monkeypatch):
+    # --low-res 0.5 on the 16-px images with 4-px patches: 8 px in the first third of 6 epochs, 12 px in the
+    # second, 16 px in the last; validation and the test set at 16 px throughout
+    sizes, evaluated = {}, set()
+    train_step, predict = training.train_step, training.predict
+
+    def recording_step(run, x, y, global_step):
+        sizes.setdefault(global_step // run.steps_per_epoch, set()).add(tuple(x.shape[-2:]))
+        return train_step(run, x, y, global_step)
+
+    def recording_predict(model, x, tta):
+        evaluated.add(tuple(x.shape[-2:]))
+        return predict(model, x, tta)
+
+    monkeypatch.setattr(training, "train_step", recording_step)
+    monkeypatch.setattr(training, "predict", recording_predict)
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "6",
+                                      "--low-res", "0.5", "--val-size", "16"], capsys)
+    assert code == 0, captured.err
+    assert sizes == {0: {(8, 8)}, 1: {(8, 8)}, 2: {(12, 12)}, 3: {(12, 12)}, 4: {(16, 16)}, 5: {(16, 16)}}
+    assert evaluated == {(16, 16)}
+    assert "epoch 1/6 at 8x8 px" in captured.out + captured.err
+
+
+def test_resize_images_averages_rather_than_picks_pixels():
+    x = torch.rand(2, 3, 16, 16)
+    assert training.resize_images(x, (16, 16)) is x
+    constant = training.resize_images(torch.full((1, 3, 16, 16), 0.7), (8, 8))
+    torch.testing.assert_close(constant, torch.full((1, 3, 8, 8), 0.7))
+    # a checkerboard of single pixels averages to grey away from the border (picking every other pixel would
+    # keep it black or white)
+    board = (torch.arange(16).view(16, 1) + torch.arange(16).view(1, 16)) % 2
+    half = training.resize_images(board.float().expand(1, 3, 16, 16), (8, 8))
+    torch.testing.assert_close(half[..., 1:-1, 1:-1], torch.full((1, 3, 6, 6), 0.5))
+
+
+@pytest.mark.parametrize("slow, expected, refits", [(1.0, 15, 7), (2.0, 7, 3)])
+def test_a_time_budget_under_low_res_weighs_each_third_by_its_timed_steps(data_dir, tmp_path, capsys, monkeypatch,
+                                                                          slow, expected, refits):
+    # batch 4: 24 steps an epoch. Timed steps of 0.25 s at 16 px, and at 8 and 12 px in proportion to their
+    # pixels (shares 0.25 and 0.5625): a minute holds 15 of the 20 epochs asked for (5 in each third: 1.25 +
+    # 2.81 + 5 full-size epochs of 6 s, 54 s), where 10 would fit at full size. Each epoch then takes `slow` times
+    # its share of 6 s: at 1, the refits, which scale an epoch's pace to a full-size epoch's, keep the 15; at 2
+    # the refit after the first (3 s, at 8 px: 12 s a full-size epoch) leaves 57 s for 6 more, 2 at 8 px, 2 at
+    # 12 px, 3 at full size (4.375 full-size epochs, 52.5 s; 8 would need 59.25), thirds which the refits after
+    # the second and third keep (the run's first half then ends)
+    shares = {8: 0.25, 12: 0.5625, 16: 1.0}
+    by_third = list(shares.values())
+    clock_epochs(monkeypatch,
+                 lambda epoch, seen: seen / 96 * 6.0 * slow * by_third[training.run_third(epoch, expected)],
+                 step=lambda size: 0.25 * shares[size[0]])
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "20",
+                                      "--time-budget", "1", "--low-res", "0.5", "--warmup-epochs", "1",
+                                      "--batch-size", "4"], capsys)
+    assert code == 0, captured.err
+    assert "0.062 / 0.141 / 0.250 s a step at 8x8 / 12x12 / 16x16 px (10 timed each)" in captured.out
+    assert "-> 15 of 20 epochs, about 0:54 of training" in captured.out
+    assert f"epoch 1 took {format_seconds(1.5 * slow)} (estimated 0:02" in captured.out
+    assert "epochs took" not in captured.out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    thirds = [training.run_third(epoch, expected) for epoch in range(expected)]
+    assert [record["seconds"] for record in metrics] == pytest.approx([6.0 * slow * by_third[k] for k in thirds])
+    assert [record["image_size"] for record in metrics] == [[(8, 12, 16)[k]] * 2 for k in thirds]
+    fit = json.loads((out / "config.json").read_text())["time_budget_fit"]
+    assert fit["step_shares"] == pytest.approx(by_third) and fit["seconds_per_step"] == pytest.approx(0.25)
+    assert [refit["pace_seconds"] for refit in fit["refits"]] == pytest.approx([6.0 * slow] * refits)
+    assert [refit["epochs"] for refit in fit["refits"]] == [expected] * refits
