@@ -1118,11 +1118,11 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     epochs asked for and at least one more than those done, the epochs done counted as spent (the run's
     train_seconds) and the others at this epoch's pace: paced_seconds, an epoch at the pace of its steps after
     the first BUDGET_WARMUP_STEPS, for the first epoch a process runs and the first at a new size of --low-res
-    (their first steps warm up, or compile), or None for the whole epoch's; under --low-res that pace is scaled to a full-size epoch's by the timed steps'
-    shares (budget_shares), which the epochs ahead then take. Why a machine needs refits: README.md,
-    "--time-budget". Under torchrun the slowest process's times count. Recorded in config
-    (time_budget_fit["refits"]); returns the line that reports it, or None after a later refit that leaves the
-    epochs unchanged."""
+    (their first steps warm up, or compile), or None for the whole epoch's; under --low-res that pace is scaled
+    to a full-size epoch's by the timed steps' shares (budget_shares), which the epochs ahead then take. Why a
+    machine needs refits: README.md, "--time-budget". Under torchrun the slowest process's times count.
+    Recorded in config (time_budget_fit["refits"]); returns the line that reports it, or None after a later
+    refit that leaves the epochs unchanged."""
     config, fit = run.config, run.config["time_budget_fit"]
     paced = paced_seconds is not None  # alike on every process: it depends on the steps alone
     # a max: a resumed run's train_seconds are read back on process 0 only, and the slowest process's pace counts
