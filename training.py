@@ -617,8 +617,10 @@ def resolve_run(config, given, resume):
                         f"copied over it, or a file of another version?); evaluate it with --eval-only "
                         f"--checkpoint {shlex.quote(path)}, or start a new run in another --out-dir")
     # an overridable setting may be missing: the command line (or the default) gives it; a setting newer than
-    # the run is missing too, and takes the value that trains as the run did
-    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - set(NEWER_SETTINGS))
+    # the run is missing too, and takes the value that trains as the run did (where saved, it is checked)
+    saved_keys = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+    newer_missing = set(NEWER_SETTINGS) - set(saved_keys)
+    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - newer_missing)
     for key, value in NEWER_SETTINGS.items():
         saved.setdefault(key, value)
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)

@@ -1421,6 +1421,19 @@ def test_a_checkpoint_whose_saved_configuration_was_edited_is_refused_by_name(tr
     assert path.read_bytes() == before  # refused before anything was written
 
 
+@pytest.mark.parametrize("key, value", [("low_res", 2.0), ("time_budget", -1.0)])
+def test_a_resume_refuses_an_edited_setting_that_older_runs_lack(trained_run, tmp_path, capsys, key, value):
+    # settings newer than some saved runs may be missing (test above), but where saved they are checked
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["config"][key] = value
+    torch.save(checkpoint, path)
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    assert code == 2 and f"the configuration saved in {path}" in captured.err
+    assert training.flag_name(key) in captured.err
+
+
 def test_eval_only_checks_the_saved_settings_the_command_line_does_not_replace(trained_run, tmp_path, capsys):
     out = copy_run(trained_run, tmp_path)
     path = out / "checkpoint.pt"
