@@ -1025,10 +1025,15 @@ def stage_sizes(config):
             for scale in (low, (low + 1) / 2, 1.0)]
 
 
+def third_starts(epochs):
+    """The first epoch (from 0) of each third of a run of `epochs`: floor(k epochs / 3), so that the last third is
+    never empty (a run of one epoch is all last third, of two half second, half last)."""
+    return [k * epochs // 3 for k in range(3)]
+
+
 def run_third(epoch, epochs):
-    """Which third (0, 1, 2) of a run of `epochs` holds `epoch` (from 0): the k-th begins at epoch floor(k epochs
-    / 3), so that the last is never empty (a run of one epoch is all last third, of two half second, half last)."""
-    return max(k for k in range(3) if k * epochs // 3 <= epoch)
+    """Which third (0, 1, 2) of a run of `epochs` holds `epoch` (from 0)."""
+    return max(k for k, start in enumerate(third_starts(epochs)) if start <= epoch)
 
 
 def train_image_size(config, epoch):
@@ -1057,12 +1062,12 @@ def fit_to_time_budget(run):
     sizes = sorted(set(stage_sizes(config)))  # one size, the full one, without --low-res
     timed = dict(zip(sizes, step_seconds(run, sizes)))
     seconds = timed[sizes[-1]]  # a full-size step
-    # refit_pending: a refit is due after the epoch under way (a run of one epoch has none)
     fit = config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=config["epochs"])
     if len(sizes) > 1:  # a smaller image's step as a share of a full-size one's, per third of the run
         fit["step_shares"] = [timed[size] / seconds for size in stage_sizes(config)]
     asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked, shares=budget_shares(config))
+    # refit_pending: a refit is due after the epoch under way (a run of one epoch has none)
     fit.update(epochs_from_steps=config["epochs"], refit_pending=config["epochs"] > 1)
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     if run.is_main:
@@ -1092,7 +1097,7 @@ def budget_epochs(config, epochs, done=0):
 
 def epochs_ahead(epochs, done, shares):
     """Epochs `done` to `epochs` of a run of `epochs`, weighted by shares[k] in its k-th third (run_third)."""
-    starts = [k * epochs // 3 for k in range(3)] + [epochs]
+    starts = third_starts(epochs) + [epochs]
     return sum(share * max(0, starts[k + 1] - max(done, starts[k])) for k, share in enumerate(shares))
 
 
