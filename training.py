@@ -350,6 +350,9 @@ def settings_without_effect(config, model_config):
         policy_magnitude=(config["policy"] == "none", "--policy randaugment or trivialaugment"),
         flip=(info.digits, "datasets other than hand-written digits"),
         tta=(not random_flips(config), "runs that train with random flips"),
+        # stage_sizes rounds each side down to whole patches, at least one: one patch a side stays as it is
+        low_res=(all(side <= model_config.patch_size for side in model_config.img_size),
+                 "images more than one patch a side"),
     )
     return {name: purpose for name, (unused, purpose) in reasons.items() if unused}
 

@@ -607,7 +607,10 @@ def test_flags_given_that_change_nothing_in_the_run_are_named():
                                                  "--policy-magnitude 5 (for --policy randaugment or trivialaugment)"]
     assert unused("--dataset", "cifar", "--policy", "trivialaugment", "--policy-ops", "3") == [
         "--policy-ops 3 (for --policy randaugment)"]
+    assert unused("--dataset", "folder", "--image-size", "4", "--patch-size", "4", "--low-res", "0.5") == [
+        "--low-res 0.5 (for images more than one patch a side)"]
     # where they act, no note: the same flags in the runs they are for
+    assert unused("--dataset", "folder", "--image-size", "8", "--patch-size", "4", "--low-res", "0.5") == []
     assert unused("--dataset", "folder", "--mlstm-form", "chunkwise", "--chunk-size", "16", "--image-size", "48",
                   "--flip", "--tta", "--policy", "randaugment", "--policy-ops", "3") == []
     assert unused("--dataset", "mnist", "--pad-to", "40", "--policy", "trivialaugment", "--policy-magnitude", "5") == []
