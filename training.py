@@ -202,8 +202,8 @@ RECIPES = {
     # weights scored as well or better than the EMA's in each of eight runs of 3-21 epochs on a validation split
     # (RESULTS.md, "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2 --ema 0.999, as
     # measured; a given --epochs turns the budget and the low resolution off). 50 epochs in thirds are about 30
-    # full-size epochs of compute, what the budget fits on the fastest 2-core CPU met (vil-1m at about 500 img/s
-    # in bf16), and on a validation split they led the 26 that fit on a CPU half as fast (RESULTS.md,
+    # full-size epochs of compute, what the budget fits on the fastest 2-core CPU met (vil-1m at 489 img/s in
+    # bf16), and on a validation split they led the 26 that fit on a CPU half as fast (RESULTS.md,
     # "Progressive resizing")
     "cifar10": dict(epochs=50, time_budget=50.0, low_res=0.5, lr=2e-3, policy="randaugment", policy_ops=1,
                     drop_path=0.05),
