@@ -1131,11 +1131,12 @@ def refit_due(run):
 def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     """--time-budget after `epoch`, which took `seconds`: the epochs (and the schedule) fitted again, at most the
     epochs asked for and at least one more than those done, the epochs done counted as spent (the run's
-    train_seconds) and the others at this epoch's pace: paced_seconds, an epoch at the pace of its steps after
-    the first BUDGET_WARMUP_STEPS, for the first epoch a process runs and the first at a new size of --low-res
-    (their first steps warm up, or compile), or None for the whole epoch's; under --low-res that pace is scaled
-    to a full-size epoch's by the timed steps' shares (budget_shares), which the epochs ahead then take. Why a
-    machine needs refits: README.md, "--time-budget". Under torchrun the slowest process's times count.
+    train_seconds) and the others at the mean pace of the epochs refitted after so far, this one included (a resumed
+    run's too, as its config keeps them). This epoch's pace: paced_seconds, an epoch at the pace of its
+    steps after the first BUDGET_WARMUP_STEPS, for the first epoch a process runs and the first at a new size of
+    --low-res (their first steps warm up, or compile), or None for the whole epoch's; under --low-res that pace is
+    scaled to a full-size epoch's by the timed steps' shares (budget_shares), which the epochs ahead then take. Why
+    a machine needs refits: README.md, "--time-budget". Under torchrun the slowest process's times count.
     Recorded in config (time_budget_fit["refits"]); returns the line that reports it, or None after a later
     refit that leaves the epochs unchanged."""
     config, fit = run.config, run.config["time_budget_fit"]
@@ -1145,15 +1146,19 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     before, shares = config["epochs"], budget_shares(config)
     this_share = shares[run_third(epoch, before)]  # of the epoch just done (train_image_size)
     paced_seconds /= this_share  # a full-size epoch's at that pace
-    config["epochs"] = epochs_in_budget(60 * config["time_budget"], paced_seconds, fit["epochs_asked"],
+    # the epochs ahead at the mean pace of the epochs refitted after so far: one epoch's pace wanders by +-8% on a
+    # quiet machine, and refits from it alone moved the plan by up to two epochs either way (README.md)
+    paces = [refit["pace_seconds"] for refit in fit.get("refits", [])] + [paced_seconds]
+    pace = sum(paces) / len(paces)
+    config["epochs"] = epochs_in_budget(60 * config["time_budget"], pace, fit["epochs_asked"],
                                         done=epoch + 1, spent=spent, shares=shares)
     fit.setdefault("refits", []).append(dict(epoch=epoch + 1, spent_seconds=spent, pace_seconds=paced_seconds,
-                                             epochs=config["epochs"]))
+                                             mean_pace_seconds=pace, epochs=config["epochs"]))
     fit["refit_pending"] = 2 * (epoch + 2) <= config["epochs"]  # the next epoch ends within the first half
     run.total_steps, run.warmup_steps = schedule_steps(config, run.steps_per_epoch)
     fit.setdefault("warmup_steps", run.warmup_steps)  # set by the first refit, as schedule_steps then keeps it
     ahead = (f"-> {config['epochs']} of {fit['epochs_asked']} epochs, about "
-             f"{format_seconds(spent + budget_epochs(config, config['epochs'], epoch + 1) * paced_seconds)} of "
+             f"{format_seconds(spent + budget_epochs(config, config['epochs'], epoch + 1) * pace)} of "
              f"training")
     if epoch == 0:
         estimate = fit["seconds_per_step"] * this_share * run.steps_per_epoch
@@ -1164,8 +1169,9 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     if config["epochs"] == before:
         return None
     size = " at full size" if len(set(shares)) > 1 else ""
+    mean = f" (the mean of {len(paces)})" if len(paces) > 1 else ""
     return (f"time budget {config['time_budget']:g} min: {epoch + 1} epochs took {format_seconds(spent)}, at "
-            f"{format_seconds(paced_seconds)} an epoch{size} {ahead}")
+            f"{format_seconds(pace)} an epoch{size}{mean} {ahead}")
 
 
 def step_seconds(run, sizes):

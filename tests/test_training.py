@@ -1220,8 +1220,8 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == expected and json.loads((out / "final.json").read_text())["epochs"] == expected
     # refitted after epoch 1 and after each later epoch that ends within the first half of the run
-    refits = [dict(epoch=done, spent_seconds=took + (done - 1) * paced, pace_seconds=paced, epochs=expected)
-              for done in range(1, max(1, expected // 2) + 1)]
+    refits = [dict(epoch=done, spent_seconds=took + (done - 1) * paced, pace_seconds=paced, mean_pace_seconds=paced,
+                   epochs=expected) for done in range(1, max(1, expected // 2) + 1)]
     fit = config["time_budget_fit"]
     assert [{key: pytest.approx(value) for key, value in refit.items()} for refit in refits] == fit.pop("refits")
     assert fit == pytest.approx(dict(seconds_per_step=0.25, epochs_asked=12, epochs_from_steps=first_fit,
@@ -1232,12 +1232,17 @@ def test_the_time_budget_refits_the_epochs_to_the_first_epochs_pace(data_dir, tm
 
 
 @pytest.mark.parametrize("epoch_seconds, expected, line", [
-    # 6 s, then 12: 18 s spent leave 42 s, 3 epochs of 12 s; the 5 epochs' first half is then over
-    ([6, 12, 3, 3, 3], 5, "2 epochs took 0:18, at 0:12 an epoch -> 5 of 12 epochs, about 0:54 of training"),
-    # 6 s, then 3: 9 s spent leave 51 s, all 12 epochs; after the 6th (of 12) no more refits
-    ([6, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], 12, "2 epochs took 0:09, at 0:03 an epoch -> 12 of 12 epochs, about 0:39"),
+    # 6 s, then 12: 18 s spent leave 42 s, 4 epochs at the mean pace of 9 s; after the 3rd, at the mean of 10 s,
+    # 30 s spent leave 30 s, 3 epochs: 6 still, and the first half is over
+    ([6, 12, 12, 12, 12, 12], 6,
+     "2 epochs took 0:18, at 0:09 an epoch (the mean of 2) -> 6 of 12 epochs, about 0:54 of training"),
+    # 6 s, then 2: 8 s spent leave 52 s, all 12 epochs at the mean of 4 s; after the 6th (of 12) no more refits
+    ([6] + [2] * 11, 12, "2 epochs took 0:08, at 0:04 an epoch (the mean of 2) -> 12 of 12 epochs, about 0:48"),
     # 6 s each through the first half of 10 epochs, then 1 s: the run keeps 10 epochs, not the 12 that now fit
     ([6] * 6 + [1] * 4, 10, None),
+    # a pace that wanders about its mean keeps the plan: after 5 s, 7 s, 5 s, ... the mean stays at 5.5-6 s and
+    # 10 epochs fit (59 s); each epoch's own pace would have asked for 11 after each 5 s epoch and 9 after a 7 s one
+    ([6, 5, 7, 5, 7, 5, 7, 5, 7, 5], 10, None),
 ])
 def test_the_time_budget_follows_the_machines_pace_through_the_first_half(data_dir, tmp_path, capsys, monkeypatch,
                                                                          epoch_seconds, expected, line):
@@ -1281,14 +1286,16 @@ def test_the_pace_of_an_epoch_is_that_of_its_steps_after_the_mark(monkeypatch):
 def test_a_later_refit_lengthens_the_cosine_not_the_warm_up(data_dir, tmp_path, capsys, monkeypatch):
     # --warmup-epochs 5: a warm-up of min(5, 0.2 x epochs) epochs. The timed steps say 6 s an epoch: 10 of the 20
     # epochs asked for fit 1 minute, with a warm-up of 2 epochs (48 steps), which the refit after the first epoch
-    # (6 s) keeps. The second epoch takes 1 s: all 20 epochs fit, whose own warm-up would be 4 epochs; it stays
-    # at 48 steps, so the learning rate, at its peak after epoch 2, does not fall back into a warm-up
+    # (6 s) keeps. The later epochs take 1 s: at the mean pace 17 epochs fit after the second (3.5 s an epoch) and
+    # all 20 after the third (2.7 s), whose own warm-up would be 3.4 and 4 epochs; it stays at 48 steps, so the
+    # learning rate, at its peak after epoch 2, does not fall back into a warm-up
     clock_epochs(monkeypatch, lambda epoch, seen: seen / 96 * (6.0 if epoch == 0 else 1.0))
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "20",
                                       "--time-budget", "1", "--warmup-epochs", "5", "--batch-size", "4"], capsys)
     assert code == 0, captured.err
-    assert "-> 10 of 20 epochs" in captured.out and "at 0:01 an epoch -> 20 of 20 epochs" in captured.out
+    assert "-> 10 of 20 epochs" in captured.out and "(the mean of 2) -> 17 of 20 epochs" in captured.out
+    assert "(the mean of 3) -> 20 of 20 epochs" in captured.out
     fit = json.loads((out / "config.json").read_text())["time_budget_fit"]
     assert fit["warmup_steps"] == 48
     rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -1300,7 +1307,7 @@ def test_a_later_refit_lengthens_the_cosine_not_the_warm_up(data_dir, tmp_path, 
 def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_epochs(data_dir, tmp_path, capsys,
                                                                                        monkeypatch):
     # 24 steps an epoch; the timed steps say 6 s an epoch: 0.6 minutes hold 6 of the 8 epochs asked for. The first
-    # epoch takes 9 s: 4 epochs; the second 4.5 s: 7 (13.5 s spent, 22.5 s left); the third as well: 7 still, and
+    # epoch takes 9 s: 4 epochs; the second 4.5 s: 5 at the mean pace of 6.75 s (13.5 s spent, 22.5 s left), and
     # the first half is over. A resumed epoch takes its pace from its steps after its own first 3
     monkeypatch.setattr(training, "step_seconds", lambda run, sizes: [0.25] * len(sizes))
     rate, end_epoch = [1.5], training.end_epoch  # seconds per 16 images: 1.5 in the first epoch, 0.75 after
@@ -1329,9 +1336,10 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
     straight = tmp_path / "straight"
     code, captured = run_main(common + ["--out-dir", str(straight)], capsys)
     assert code == 0, captured.err
-    assert "2 epochs took 0:14, at 0:04 an epoch -> 7 of 8 epochs, about 0:36 of training" in captured.out
+    assert ("2 epochs took 0:14, at 0:07 an epoch (the mean of 2) -> 5 of 8 epochs, about 0:34 of training"
+            in captured.out)
     refits = json.loads((straight / "config.json").read_text())["time_budget_fit"]["refits"]
-    assert [(refit["epoch"], refit["epochs"]) for refit in refits] == [(1, 4), (2, 7), (3, 7)]
+    assert [(refit["epoch"], refit["epochs"]) for refit in refits] == [(1, 4), (2, 5)]
     real_cross_entropy, calls, stop_at = training.F.cross_entropy, [], [0]
 
     def loss_then_interrupt(logits, target, **kwargs):  # Ctrl-C during step stop_at[0] (no timed steps here)
@@ -1343,7 +1351,7 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
 
     # stopped in step 3 of epoch 1, at the end of epoch 1 (a signal in its last step) or in step 3 of epoch 2;
     # resumed with --epochs, even the number the timed steps chose, the run keeps the epochs given
-    for name, stop, extra, epochs in (("split-1", 3, [], 7), ("boundary", 24, [], 7), ("split-2", 27, [], 7),
+    for name, stop, extra, epochs in (("split-1", 3, [], 5), ("boundary", 24, [], 5), ("split-2", 27, [], 5),
                                       ("given", 3, ["--epochs", "6"], 6)):
         out = tmp_path / name
         rate[0], stop_at[0] = 1.5, stop
@@ -1360,8 +1368,9 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
             assert json.loads((out / "config.json").read_text())["time_budget_fit"]["refits"] == refits
             assert_same_weights(full_state(straight / "checkpoint.pt"), full_state(out / "checkpoint.pt"))
     # stopped in epoch 2 and resumed on a machine whose first 3 steps take 9 s more: those count as spent
-    # (22.5 s), not as the pace, which the steps after them set (4.5 s an epoch): 5 epochs, not the 3 that an
-    # epoch paced whole (13.5 s) would leave
+    # (22.5 s), not as the pace, which the steps after them set (4.5 s an epoch, 6.75 s with the first epoch's
+    # 9 s, whose pace the resumed run's config keeps): 4 epochs, not the 3 that an epoch paced whole (13.5 s) would
+    # leave
     out, rate[0], stop_at[0] = tmp_path / "warm", 1.5, 27
     with monkeypatch.context() as patch:
         patch.setattr(training.F, "cross_entropy", loss_then_interrupt)
@@ -1370,7 +1379,8 @@ def test_a_run_stopped_in_its_first_half_is_refitted_when_resumed_unless_given_e
     warm[0] = 9.0
     assert run_main(["--resume", "--out-dir", str(out)], capsys)[0] == 0
     resumed = json.loads((out / "config.json").read_text())["time_budget_fit"]["refits"]
-    assert resumed[1] == pytest.approx(dict(epoch=2, spent_seconds=22.5, pace_seconds=4.5, epochs=5))
+    assert resumed[1] == pytest.approx(dict(epoch=2, spent_seconds=22.5, pace_seconds=4.5, mean_pace_seconds=6.75,
+                                            epochs=4))
 
 
 def test_the_cifar_recipe_fits_its_time_budget_at_low_res_unless_epochs_are_given():
