@@ -195,7 +195,7 @@ RECIPES = {
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 50 epochs, as many as fit 50 minutes of training (from timed steps, then again after each epoch
     # of the first half): the hour with room for the evaluation and for a machine that drifts (the timed steps
-    # ran faster than the epochs in eight of the ten budgeted runs of README.md's results table, by 4-18% on
+    # ran faster than the epochs in eight of the twelve budgeted runs of README.md's results table, by 4-18% on
     # quiet machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
     # "Recipe ablations"); the first two thirds of the epochs at 16 and 24 px: more epochs in the budget, ahead
     # on a validation split at equal training time (RESULTS.md, "Progressive resizing"); no weight EMA: the raw
