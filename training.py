@@ -1176,29 +1176,34 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
 
 def step_seconds(run, sizes):
     """The seconds of one training step of the run on this machine at each image size of `sizes` (a list of
-    (height, width)): a throwaway copy of the model, optimiser and EMA takes BUDGET_WARMUP_STEPS +
-    BUDGET_TIMED_STEPS steps at each size on the run's own first batches, the loader included, as the loop
-    takes them; the timed ones' mean. The run's weights,
-    optimiser state and random draws are untouched (every draw is a function of seed, epoch and step).
-    Under --compile the copy is compiled too (the untimed steps take the compile); it runs without
-    DistributedDataParallel: under torchrun each process times its own and the slowest counts."""
+    (height, width)): a throwaway copy of the model, optimiser and EMA takes BUDGET_WARMUP_STEPS steps at each
+    size, then BUDGET_TIMED_STEPS rounds of one step at each size in turns, on the run's own first batches, the
+    loader included, as the loop takes them; each size's mean. In turns, so that a machine whose speed drifts
+    while it is timed skews every size alike, not the last ones timed (their shares of a full-size step are what
+    --low-res budgets the thirds by). The run's weights, optimiser state and random draws are untouched (every
+    draw is a function of seed, epoch and step). Under --compile the copy is compiled too (the untimed steps
+    take the compile of each size); it runs without DistributedDataParallel: under torchrun each process times
+    its own and the slowest counts."""
     config = run.config
     copied = copy.deepcopy(run.raw_model)
     optimizer, scaler, ema = training_state(copied, config, run.device, run.dtype)
     model = CompileFallback(copied, verbose=False) if config["compile"] else copied
     probe = dataclasses.replace(run, raw_model=copied, model=model, optimizer=optimizer, scaler=scaler, ema=ema)
     batches = itertools.chain.from_iterable(run.loader.epoch(epoch) for epoch in itertools.count())
-    seconds = []
     for size in sizes:
-        for step in range(BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
-            if step == BUDGET_WARMUP_STEPS:
-                synchronize(run.device)
-                started = time.perf_counter()
+        for step in range(BUDGET_WARMUP_STEPS):
             x, y = next(batches)
             train_step(probe, resize_images(x, size), y, step)
-        synchronize(run.device)
-        seconds.append((time.perf_counter() - started) / BUDGET_TIMED_STEPS)
-    return all_reduce_max(seconds, run.device)
+    seconds = [0.0] * len(sizes)
+    for step in range(BUDGET_WARMUP_STEPS, BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
+        for index, size in enumerate(sizes):
+            synchronize(run.device)
+            started = time.perf_counter()
+            x, y = next(batches)
+            train_step(probe, resize_images(x, size), y, step)
+            synchronize(run.device)
+            seconds[index] += time.perf_counter() - started
+    return all_reduce_max([total / BUDGET_TIMED_STEPS for total in seconds], run.device)
 
 
 def recipe_line(config, given, model_config):

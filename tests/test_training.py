@@ -1571,3 +1571,36 @@ def test_a_time_budget_under_low_res_weighs_each_third_by_its_timed_steps(data_d
     assert fit["step_shares"] == pytest.approx(by_third) and fit["seconds_per_step"] == pytest.approx(0.25)
     assert [refit["pace_seconds"] for refit in fit["refits"]] == pytest.approx([6.0 * slow] * refits)
     assert [refit["epochs"] for refit in fit["refits"]] == [expected] * refits
+
+
+def test_the_time_budget_times_the_image_sizes_in_turns(data_dir, tmp_path, capsys, monkeypatch):
+    # a machine that slows by 2% with every training step while the budget times its steps at 8, 12 and 16 px (a
+    # clock that advances by the pixels' share of a 16-px step times that slowdown). Timed one size after the
+    # other, the 16-px steps would run about 26 steps after the 8-px ones, 1.02^26 = 1.67 times slower: a share
+    # of 0.15 for 8 px where its pixels say 0.25. In turns a round's sizes run within 2 steps of each other, and
+    # each size's share stays within 4% of its pixels' share
+    clock = dict(now=0.0, steps=0)
+    real_step, real_seconds, timed = training.train_step, training.step_seconds, []
+
+    def slowing_step(run, x, y, step):
+        clock["steps"] += 1
+        clock["now"] += (x.shape[-1] / 16) ** 2 * 1.02 ** clock["steps"]
+        return real_step(run, x, y, step)
+
+    def step_seconds(run, sizes):
+        with monkeypatch.context() as patch:
+            patch.setattr(training, "train_step", slowing_step)
+            patch.setattr(training.time, "perf_counter", lambda: clock["now"])
+            timed.append((sizes, real_seconds(run, sizes)))
+        return timed[-1][1]
+
+    monkeypatch.setattr(training, "step_seconds", step_seconds)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "run"), "--epochs", "1",
+                                      "--time-budget", "1e6", "--low-res", "0.5"], capsys)
+    assert code == 0, captured.err
+    [(sizes, seconds)] = timed
+    assert sizes == [(8, 8), (12, 12), (16, 16)]
+    steps = training.BUDGET_WARMUP_STEPS + training.BUDGET_TIMED_STEPS
+    assert clock["steps"] == 3 * steps  # every step of the timing went through the slowing clock
+    shares = [value / seconds[-1] for value in seconds]
+    assert shares == pytest.approx([0.25, 0.5625, 1.0], rel=0.045)
