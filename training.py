@@ -1195,9 +1195,9 @@ def step_seconds(run, sizes):
             x, y = next(batches)
             train_step(probe, resize_images(x, size), y, step)
     seconds = [0.0] * len(sizes)
+    synchronize(run.device)
     for step in range(BUDGET_WARMUP_STEPS, BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS):
         for index, size in enumerate(sizes):
-            synchronize(run.device)
             started = time.perf_counter()
             x, y = next(batches)
             train_step(probe, resize_images(x, size), y, step)
