@@ -175,6 +175,11 @@ FLAGS = {
         val_size=Flag(0, int, "[0, 1000000000]", "training images held out for validation (0: none)"),
         tta=Flag(True, bool, None, "evaluate the mean logits of each image and its mirror image (only "
                                    "where training flips: never for digits)"),
+        # the final evaluation only: ten views cost five times the mirror's two, too much after every epoch
+        tta_shift=Flag(0, int, "[0, 64]", "the final test evaluation (and --eval-only) also averages the "
+                                          "logits of each image shifted by this many pixels left, right, up "
+                                          "and down, black fill as the training crops', each with its mirror "
+                                          "image under --tta: 10 views (0: off)"),
         eval_test_every_epoch=Flag(False, bool, None, "also evaluate the test set after every epoch "
                                                       "(curves only)"),
     ),
@@ -204,15 +209,16 @@ RECIPES = {
     # measured; a given --epochs turns the budget and the low resolution off). 50 epochs in thirds are about 30
     # full-size epochs of compute, what the budget fits on the fastest 2-core CPU met (vil-1m at 489 img/s in
     # bf16), and on a validation split they led the 26 that fit on a CPU half as fast (RESULTS.md,
-    # "Progressive resizing")
+    # "Progressive resizing"); the final evaluation adds four views shifted by 2 px to the mirror pair: +1.2-1.8
+    # points over the pair on a validation split in each of five runs (RESULTS.md, "Test-time shifts")
     "cifar10": dict(epochs=50, time_budget=50.0, low_res=0.5, lr=2e-3, policy="randaugment", policy_ops=1,
-                    drop_path=0.05),
+                    drop_path=0.05, tta_shift=2),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
                      ema=0.999, warmup_epochs=5.0),
     "folder": dict(epochs=50),
 }
 # On --resume the run's own config.json is used; only these may be changed on the command line.
-RESUME_OVERRIDABLE = ("epochs", "device", "data_dir", "compile", "tta", "amp")
+RESUME_OVERRIDABLE = ("epochs", "device", "data_dir", "compile", "tta", "tta_shift", "amp")
 # settings added after runs were saved, with the value that trains as those runs did: no budget (only a new run
 # reads it), full-size images
 NEWER_SETTINGS = dict(time_budget=0.0, low_res=1.0)
@@ -413,21 +419,45 @@ def mirror_tta(config):
     return bool(config.get("tta", False) and random_flips(config))
 
 
-def predict(model, x, tta):
-    """The model's logits for x; with tta, the mean of the logits of x and of x mirrored left-right."""
-    logits = model(x)
+def shifted(x, dy, dx, fill):
+    """x (B, C, H, W) with its content moved dy pixels down and dx right (negative: up, left), the uncovered border
+    set to fill (a number, or (1, C, 1, 1) per channel): a translation of the training crops (--crop-padding)."""
+    height, width = x.shape[-2:]
+    rows, cols = height - abs(dy), width - abs(dx)  # of the image that stay in view
+    out = torch.empty_like(x).copy_(torch.as_tensor(fill, dtype=x.dtype, device=x.device).expand_as(x))
+    if rows > 0 and cols > 0:
+        out[..., max(dy, 0):max(dy, 0) + rows, max(dx, 0):max(dx, 0) + cols] = \
+            x[..., max(-dy, 0):max(-dy, 0) + rows, max(-dx, 0):max(-dx, 0) + cols]
+    return out
+
+
+def predict(model, x, tta, shift=0, fill=0.0):
+    """The model's logits for x; with tta, the mean of the logits of x and of x mirrored left-right; with shift,
+    the mean over x and x shifted by `shift` pixels left, right, up and down (fill: the border, black in the
+    normalised images), each mirrored too under tta."""
+    views = [x]
+    if shift:
+        views += [shifted(x, dy, dx, fill) for dy, dx in ((0, -shift), (0, shift), (-shift, 0), (shift, 0))]
     if tta:
-        logits = (logits.float() + model(x.flip(-1)).float()) / 2
-    return logits
+        views += [view.flip(-1) for view in views]
+    if len(views) == 1:
+        return model(x)
+    return sum(model(view).float() for view in views) / len(views)
+
+
+def views_text(tta, shift):
+    """How many views of each image predict averages, for the closing lines: ", mean of 10 views" ("" for one)."""
+    views = (1 + 4 * bool(shift)) * (1 + bool(tta))
+    return f", mean of {views} views" if views > 1 else ""
 
 
 EVAL_BATCH_SIZE = 500  # images per evaluation batch and process
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad_to, tta=False):
+def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad_to, tta=False, shift=0):
     """Mean cross-entropy and accuracy of `model` on (images, labels), each process taking every
-    world_size-th image; with tta, of the mean logits of each image and its mirror image.
+    world_size-th image; with tta and shift, of the mean logits of the views of predict.
     Returns (loss, accuracy)."""
     model.eval()
     loader = DeviceLoader(images, labels, EVAL_BATCH_SIZE, num_classes=config["num_classes"], mean=config["mean"],
@@ -437,7 +467,7 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader.epoch(0):
         with autocast(device, dtype):
-            logits = predict(model, x, tta)
+            logits = predict(model, x, tta, shift, fill=loader.shift)  # black: 0 before normalising
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(dim=-1) == y).sum()
     loss_sum, correct, count = all_reduce_sum([loss_sum.item(), correct.item(), loader.shard_size], device)
@@ -1390,12 +1420,12 @@ def save(run, epoch, step, partial=None, best=False, record=None):
         run.folder.saved = checkpoint_point(epoch, step, run.steps_per_epoch)
 
 
-def evaluate_split(run, images, labels):
-    """(loss, accuracy) on a split, of the EMA weights where there are some."""
+def evaluate_split(run, images, labels, shift=0):
+    """(loss, accuracy) on a split, of the EMA weights where there are some; shift: predict's."""
     if run.ema is not None:
         run.ema.copy_to(run.eval_model)
     return evaluate(run.eval_model, images, labels, run.config, run.device, run.dtype, run.rank,
-                    run.world_size, run.pad_to, tta=run.tta)
+                    run.world_size, run.pad_to, tta=run.tta, shift=shift)
 
 
 def end_epoch(run, epoch, meter, seconds):
@@ -1432,20 +1462,21 @@ def end_epoch(run, epoch, meter, seconds):
 
 
 def final_evaluation(run):
-    """The test set, evaluated once at the end: final.json and the closing line. Returns what
-    final.json holds."""
+    """The test set, evaluated once at the end, with the shifted views of --tta-shift too: final.json and the
+    closing line. Returns what final.json holds."""
     config = run.config
-    test_loss, test_acc = evaluate_split(run, *run.test)
+    test_loss, test_acc = evaluate_split(run, *run.test, shift=config["tta_shift"])
     images_trained = sum(record["images_per_second"] * record["seconds"] for record in run.history)
     final = dict(dataset=config["dataset"], model=config["model"], test_acc=test_acc, test_loss=test_loss,
                  params=run.raw_model.num_params(), epochs=config["epochs"], train_seconds=run.train_seconds,
                  images_per_second=images_trained / max(run.train_seconds, 1e-9),
-                 ema=bool(run.ema), tta=run.tta,
+                 ema=bool(run.ema), tta=run.tta, tta_shift=config["tta_shift"],
                  autocast=str(run.dtype).replace("torch.", "") if run.dtype else "off",
                  device=str(run.device), world_size=run.world_size)
     if run.is_main:
         run.folder.write("final.json", lambda path: save_json(final, path))
-        print(f"test accuracy {100 * test_acc:.2f}% (loss {test_loss:.4f}) after {config['epochs']} "
+        print(f"test accuracy {100 * test_acc:.2f}% (loss {test_loss:.4f}{views_text(run.tta, config['tta_shift'])})"
+              f" after {config['epochs']} "
               f"epochs, {format_seconds(run.train_seconds)} of training | run folder {config['out_dir']}")
     if run.world_size > 1:
         # all leave together: a process that ends its process group while process 0 still writes
@@ -1516,7 +1547,7 @@ def epoch_summary(record, epochs):
 
 # what --eval-only reads from a checkpoint's configuration
 EVAL_KEYS = ("dataset", "data_dir", "image_size", "amp", "flip", "model_config", "num_classes", "mean", "std")
-EVAL_OVERRIDABLE = ("data_dir", "amp", "tta", "device")  # what --eval-only takes from the command line
+EVAL_OVERRIDABLE = ("data_dir", "amp", "tta", "tta_shift", "device")  # what --eval-only takes from the command line
 
 
 def evaluate_checkpoint(path, given):
@@ -1548,11 +1579,14 @@ def evaluate_checkpoint(path, given):
     model.to(device)
     images, labels = load_split(config, train=False)
     pad_to = padding_for(images, config["model_config"]["img_size"])
+    shift = config.get("tta_shift", 0)  # 0 for a checkpoint from before --tta-shift, as its run was scored
     loss, accuracy = evaluate(model, images, labels, config, device, dtype, 0, 1, pad_to,
-                              tta=mirror_tta(config))
+                              tta=mirror_tta(config), shift=shift)
     result = dict(checkpoint=os.path.abspath(path), dataset=config["dataset"], test_acc=accuracy,
-                  test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None)
-    print(f"test accuracy {100 * accuracy:.2f}% on {config['dataset']} (loss {loss:.4f}) of {path} "
+                  test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None,
+                  tta=mirror_tta(config), tta_shift=shift)
+    print(f"test accuracy {100 * accuracy:.2f}% on {config['dataset']} (loss {loss:.4f}"
+          f"{views_text(mirror_tta(config), shift)}) of {path} "
           f"(epoch {checkpoint['epoch']}{', EMA weights' if result['ema'] else ''})")
     # named after the checkpoint, so that evaluating best.pt and checkpoint.pt keeps both results
     stem = os.path.splitext(os.path.basename(path))[0]

@@ -436,6 +436,69 @@ def test_evaluate_without_tta_scores_the_plain_logits_and_with_it_the_mirrored_m
         assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
+def test_shifted_moves_the_content_and_fills_the_uncovered_border():
+    x = torch.randn(2, 3, 6, 7)
+    fill = torch.tensor([-1.0, -2.0, -3.0]).view(1, 3, 1, 1)  # black in each normalised channel
+    moved = training.shifted(x, 1, -2, fill)  # one pixel down, two left
+    assert moved.shape == x.shape
+    assert torch.equal(moved[..., 1:, :-2], x[..., :-1, 2:])
+    border = torch.ones(6, 7, dtype=torch.bool)
+    border[1:, :-2] = False
+    assert torch.equal(moved[..., border], fill.view(1, 3, 1).expand(2, 3, int(border.sum())))
+    assert torch.equal(training.shifted(x, 0, 0, fill), x)
+    assert torch.equal(training.shifted(x, 0, 9, fill), fill.expand_as(x))  # moved out of view
+
+
+def test_tta_shift_logits_are_the_mean_over_the_shifted_views_and_their_mirror_images():
+    model = tiny_classifier()
+    x, fill = torch.randn(5, 3, 8, 8), torch.tensor([0.5, -0.5, 1.0]).view(1, 3, 1, 1)
+
+    def moved(dy, dx):  # the image rolled by (dy, dx), the pixels that wrapped around set to the fill
+        rows, cols = torch.arange(8).view(8, 1) - dy, torch.arange(8).view(1, 8) - dx  # where each pixel came from
+        inside = (rows >= 0) & (rows < 8) & (cols >= 0) & (cols < 8)
+        return torch.where(inside, x.roll((dy, dx), dims=(-2, -1)), fill)
+
+    views = [x] + [moved(dy, dx) for dy, dx in ((0, 2), (0, -2), (2, 0), (-2, 0))]
+    plain = torch.stack([model(view) for view in views]).mean(0)
+    mirrored = torch.stack([model(view) for view in views] + [model(view.flip(-1)) for view in views]).mean(0)
+    assert torch.allclose(training.predict(model, x, tta=False, shift=2, fill=fill), plain, atol=1e-6)
+    assert torch.allclose(training.predict(model, x, tta=True, shift=2, fill=fill), mirrored, atol=1e-6)
+    # no shift: the mirror pair alone, as before --tta-shift
+    assert torch.equal(training.predict(model, x, tta=True, shift=0, fill=fill), training.predict(model, x, True))
+    assert not torch.allclose(mirrored, training.predict(model, x, True))
+
+
+def test_tta_shift_scores_the_final_evaluation_and_eval_only_not_the_epochs(data_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    shifts, predict = [], training.predict
+
+    def recording_predict(model, x, tta, shift=0, fill=0.0):
+        shifts.append(shift)
+        return predict(model, x, tta, shift, fill)
+
+    monkeypatch.setattr(training, "predict", recording_predict)
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "2",
+                                      "--val-size", "16", "--tta-shift", "2"], capsys)
+    assert code == 0, captured.err
+    epochs = len(shifts) - 1  # one batch a split here: the validation after each epoch, then the test set
+    assert epochs == 2 and shifts == [0, 0, 2]
+    final = json.loads((out / "final.json").read_text())
+    assert final["tta_shift"] == 2 and "mean of 5 views" in captured.out  # --no-flip: no mirror images
+    # --eval-only scores the checkpoint as the run's end did, and without the shifts when told
+    capsys.readouterr()
+    evaluated = {}
+    for extra in ([], ["--tta-shift", "0"]):
+        code, captured = run_main(["--eval-only", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", data_dir]
+                                  + extra, capsys)
+        assert code == 0, captured.err
+        evaluated[tuple(extra)] = json.loads((out / "eval-checkpoint.json").read_text())
+    assert shifts[-2:] == [2, 0]
+    assert evaluated[()]["test_acc"] == pytest.approx(final["test_acc"])
+    assert evaluated[()]["test_loss"] == pytest.approx(final["test_loss"])
+    assert evaluated[("--tta-shift", "0")]["test_loss"] != pytest.approx(final["test_loss"])
+
+
 def test_tta_and_flips_only_where_training_flips():
     cifar, mnist = dict(tta=True, flip=True, dataset="cifar10"), dict(tta=True, flip=True, dataset="mnist")
     assert training.mirror_tta(cifar) and training.random_flips(cifar)
@@ -1512,9 +1575,9 @@ def test_low_res_trains_each_third_of_the_epochs_at_its_size_and_evaluates_at_fu
         sizes.setdefault(global_step // run.steps_per_epoch, set()).add(tuple(x.shape[-2:]))
         return train_step(run, x, y, global_step)
 
-    def recording_predict(model, x, tta):
+    def recording_predict(model, x, tta, shift=0, fill=0.0):
         evaluated.add(tuple(x.shape[-2:]))
-        return predict(model, x, tta)
+        return predict(model, x, tta, shift, fill)
 
     monkeypatch.setattr(training, "train_step", recording_step)
     monkeypatch.setattr(training, "predict", recording_predict)
