@@ -740,7 +740,7 @@ def test_a_new_run_names_the_settings_its_recipe_gave_as_flags_that_give_them_ba
     # a given --epochs ends the recipe's budget too; a setting with no effect in the run is not listed
     assert recipe_line("--dataset", "cifar", "--epochs", "33") == (
         "recipe for cifar10 (RECIPES in training.py): --lr 0.002 --policy randaugment --policy-ops 1 "
-        "--drop-path 0.05")
+        "--drop-path 0.05 --tta-shift 2")
     assert "--policy-ops" not in recipe_line("--dataset", "cifar", "--policy", "trivialaugment")
     assert recipe_line("--dataset", "folder", "--epochs", "3") is None
     assert [training.option_text("flip", value) for value in (True, False)] == ["--flip", "--no-flip"]
