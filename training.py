@@ -179,7 +179,7 @@ FLAGS = {
         tta_shift=Flag(0, int, "[0, 64]", "the final test evaluation (and --eval-only) also averages the "
                                           "logits of each image shifted by this many pixels left, right, up "
                                           "and down, black fill as the training crops', each with its mirror "
-                                          "image under --tta: 10 views (0: off)"),
+                                          "image where --tta mirrors: 10 views, else 5 (0: off)"),
         eval_test_every_epoch=Flag(False, bool, None, "also evaluate the test set after every epoch "
                                                       "(curves only)"),
     ),
@@ -1579,14 +1579,13 @@ def evaluate_checkpoint(path, given):
     model.to(device)
     images, labels = load_split(config, train=False)
     pad_to = padding_for(images, config["model_config"]["img_size"])
-    shift = config.get("tta_shift", 0)  # 0 for a checkpoint from before --tta-shift, as its run was scored
-    loss, accuracy = evaluate(model, images, labels, config, device, dtype, 0, 1, pad_to,
-                              tta=mirror_tta(config), shift=shift)
+    mirror, shift = mirror_tta(config), config.get("tta_shift", 0)  # shift 0 for a run from before --tta-shift
+    loss, accuracy = evaluate(model, images, labels, config, device, dtype, 0, 1, pad_to, tta=mirror, shift=shift)
     result = dict(checkpoint=os.path.abspath(path), dataset=config["dataset"], test_acc=accuracy,
                   test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None,
-                  tta=mirror_tta(config), tta_shift=shift)
+                  tta=mirror, tta_shift=shift)
     print(f"test accuracy {100 * accuracy:.2f}% on {config['dataset']} (loss {loss:.4f}"
-          f"{views_text(mirror_tta(config), shift)}) of {path} "
+          f"{views_text(mirror, shift)}) of {path} "
           f"(epoch {checkpoint['epoch']}{', EMA weights' if result['ema'] else ''})")
     # named after the checkpoint, so that evaluating best.pt and checkpoint.pt keeps both results
     stem = os.path.splitext(os.path.basename(path))[0]
