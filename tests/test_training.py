@@ -518,6 +518,24 @@ def test_progress_lines_reach_a_log_file(data_dir, tmp_path):
     assert progress and all("img/s" in line for line in progress), result.stderr
 
 
+
+def test_the_final_evaluation_and_eval_only_print_progress_lines_and_the_epochs_do_not(data_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(training, "EVAL_BATCH_SIZE", 4)  # 32 test images: 8 batches, a line after each but the last
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "2",
+                                      "--val-size", "16", "--tta-shift", "2"], capsys)
+    assert code == 0, captured.err
+    lines = [line for line in captured.err.splitlines() if line.startswith("test")]
+    assert [line.split()[6] for line in lines] == [f"{batch}/8" for batch in range(1, 8)], captured.err
+    assert all(line.startswith("test, mean of 5 views, batch ") and "img/s" in line for line in lines)
+    assert "batch 1/4" not in captured.err  # the validation after each epoch (16 images) stays silent
+    code, captured = run_main(["--eval-only", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", data_dir],
+                              capsys)
+    assert code == 0, captured.err
+    assert [line.split()[6] for line in captured.err.splitlines() if line.startswith("test, mean of 5 views")] == \
+        [f"{batch}/8" for batch in range(1, 8)], captured.err
+
 # The flags: one table (training.FLAGS), from which the command line, its checks, --help and
 # README.md's "Flags" follow.
 FLAGS = {name: flag for flags in training.FLAGS.values() for name, flag in flags.items()}
