@@ -459,8 +459,8 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
              progress=None):
     """Mean cross-entropy and accuracy of `model` on (images, labels), each process taking every
     world_size-th image; with tta and shift, of the mean logits of the views of predict.
-    progress: a label for progress lines on stderr from the first process (ProgressBar: a line at every
-    tenth of the batches in a log file), for an evaluation long enough to need them; None: silent.
+    progress: the split's name ("test") for progress lines on stderr from the first process (ProgressBar: a line
+    at every tenth of the batches in a log file), for an evaluation long enough to need them; None: silent.
     Returns (loss, accuracy)."""
     model.eval()
     loader = DeviceLoader(images, labels, EVAL_BATCH_SIZE, num_classes=config["num_classes"], mean=config["mean"],
@@ -468,7 +468,7 @@ def evaluate(model, images, labels, config, device, dtype, rank, world_size, pad
                           pad_to=pad_to)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    bar = ProgressBar(len(loader), progress, rank == 0 and progress is not None)
+    bar = ProgressBar(len(loader), f"{progress}{views_text(tta, shift)}, batch", rank == 0 and progress is not None)
     seen = 0
     for batch, (x, y) in enumerate(loader.epoch(0), start=1):
         with autocast(device, dtype):
@@ -1476,8 +1476,7 @@ def final_evaluation(run):
     closing line. Returns what final.json holds."""
     config = run.config
     # with progress lines: 10 views of the test set took 7:39 on a 2-core CPU without native bf16
-    test_loss, test_acc = evaluate_split(run, *run.test, shift=config["tta_shift"],
-                                         progress=f"test{views_text(run.tta, config['tta_shift'])}, batch")
+    test_loss, test_acc = evaluate_split(run, *run.test, shift=config["tta_shift"], progress="test")
     images_trained = sum(record["images_per_second"] * record["seconds"] for record in run.history)
     final = dict(dataset=config["dataset"], model=config["model"], test_acc=test_acc, test_loss=test_loss,
                  params=run.raw_model.num_params(), epochs=config["epochs"], train_seconds=run.train_seconds,
@@ -1593,7 +1592,7 @@ def evaluate_checkpoint(path, given):
     pad_to = padding_for(images, config["model_config"]["img_size"])
     mirror, shift = mirror_tta(config), config.get("tta_shift", 0)  # shift 0 for a run from before --tta-shift
     loss, accuracy = evaluate(model, images, labels, config, device, dtype, 0, 1, pad_to, tta=mirror, shift=shift,
-                              progress=f"test{views_text(mirror, shift)}, batch")
+                              progress="test")
     result = dict(checkpoint=os.path.abspath(path), dataset=config["dataset"], test_acc=accuracy,
                   test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None,
                   tta=mirror, tta_shift=shift)

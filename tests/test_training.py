@@ -518,7 +518,6 @@ def test_progress_lines_reach_a_log_file(data_dir, tmp_path):
     assert progress and all("img/s" in line for line in progress), result.stderr
 
 
-
 def test_the_final_evaluation_and_eval_only_print_progress_lines_and_the_epochs_do_not(data_dir, tmp_path, capsys,
                                                                                       monkeypatch):
     monkeypatch.setattr(training, "EVAL_BATCH_SIZE", 4)  # 32 test images: 8 batches, a line after each but the last
@@ -535,6 +534,7 @@ def test_the_final_evaluation_and_eval_only_print_progress_lines_and_the_epochs_
     assert code == 0, captured.err
     assert [line.split()[6] for line in captured.err.splitlines() if line.startswith("test, mean of 5 views")] == \
         [f"{batch}/8" for batch in range(1, 8)], captured.err
+
 
 # The flags: one table (training.FLAGS), from which the command line, its checks, --help and
 # README.md's "Flags" follow.
