@@ -48,7 +48,7 @@ from data import (DATASET_ALIASES, DATASETS, POLICIES, POLICY_OPS, Augment, Devi
 from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, preset_config
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
-                   autocast, derive_seed, ensure_writable_dir, format_seconds, has_native_bf16, json_text,
+                   autocast, counted, derive_seed, ensure_writable_dir, format_seconds, has_native_bf16, json_text,
                    keep_freed_memory, learning_rate, load_checkpoint, out_of_memory, plot_curves, resolve_device,
                    save_checkpoint, save_json, setup_distributed, stop_requests, synchronize)
 
@@ -683,8 +683,8 @@ def resolve_run(config, given, resume):
         saved["time_budget_fit"]["refit_pending"] = False  # the epochs given stand
     trained = checkpoint["epoch"] + (checkpoint["step"] > 0)  # epochs begun
     if saved["epochs"] < trained:
-        done = (f"{checkpoint['epoch']} epochs" if trained == checkpoint["epoch"] else
-                f"{checkpoint['epoch']} epochs and {checkpoint['step']} steps of epoch {trained}")
+        done = (counted(checkpoint["epoch"], "epoch") if trained == checkpoint["epoch"] else
+                f"{counted(checkpoint['epoch'], 'epoch')} and {counted(checkpoint['step'], 'step')} of epoch {trained}")
         raise UserError(f"the run in {config['out_dir']} has trained {done} already; --epochs "
                         f"{saved['epochs']} would end before that")
     saved["out_dir"] = config["out_dir"]
@@ -1487,8 +1487,8 @@ def final_evaluation(run):
     if run.is_main:
         run.folder.write("final.json", lambda path: save_json(final, path))
         print(f"test accuracy {100 * test_acc:.2f}% (loss {test_loss:.4f}{views_text(run.tta, config['tta_shift'])})"
-              f" after {config['epochs']} "
-              f"epochs, {format_seconds(run.train_seconds)} of training | run folder {config['out_dir']}")
+              f" after {counted(config['epochs'], 'epoch')}, {format_seconds(run.train_seconds)} of training"
+              f" | run folder {config['out_dir']}")
     if run.world_size > 1:
         # all leave together: a process that ends its process group while process 0 still writes
         # final.json aborts in gloo's teardown now and then ("terminate called without an active

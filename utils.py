@@ -405,6 +405,11 @@ def format_seconds(seconds):
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+def counted(number, noun):
+    """'1 epoch', '3 epochs': a count and its noun, singular for one."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 class ProgressBar:
     """Progress within an epoch, on stderr. On a terminal one self-rewriting line, updated every
     call; otherwise (output sent to a log file) a plain line at every tenth of the epoch, so that

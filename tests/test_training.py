@@ -529,6 +529,7 @@ def test_the_final_evaluation_and_eval_only_print_progress_lines_and_the_epochs_
     assert [line.split()[6] for line in lines] == [f"{batch}/8" for batch in range(1, 8)], captured.err
     assert all(line.startswith("test, mean of 5 views, batch ") and "img/s" in line for line in lines)
     assert "batch 1/4" not in captured.err  # the validation after each epoch (16 images) stays silent
+    assert "(loss " in captured.out and "mean of 5 views) after 2 epochs, 0:" in captured.out, captured.out
     code, captured = run_main(["--eval-only", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", data_dir],
                               capsys)
     assert code == 0, captured.err
@@ -984,7 +985,7 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_begun(trained_run, tmp_pat
     torch.save(checkpoint, out / "checkpoint.pt")
     before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "final.json")}
     code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "1"], capsys)
-    assert code == 2 and "1 epochs and 2 steps of epoch 2 already" in captured.err, captured.err
+    assert code == 2 and "1 epoch and 2 steps of epoch 2 already" in captured.err, captured.err
     assert {name: (out / name).read_bytes() for name in before} == before
 
 

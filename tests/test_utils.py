@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from utils import UserError, WeightEMA, atomic_write, learning_rate, load_checkpoint, save_checkpoint, save_json
+from utils import (UserError, WeightEMA, atomic_write, counted, learning_rate, load_checkpoint, save_checkpoint,
+                   save_json)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -126,6 +127,10 @@ def progress_lines(total, updated_steps):
         bar.update(done, 0.5, 0.25, 100.0)
     bar.close()
     return stream.getvalue().splitlines()
+
+
+def test_counts_in_messages_take_the_singular_for_one_only():
+    assert [counted(number, "epoch") for number in (0, 1, 2, 50)] == ["0 epochs", "1 epoch", "2 epochs", "50 epochs"]
 
 
 def test_progress_prints_a_plain_line_per_tenth_of_the_epoch_when_not_a_terminal():
