@@ -76,15 +76,17 @@ DATASETS = {
 DATASET_ALIASES = {"cifar": "cifar10"}
 
 
-def load_dataset(name, root="./data", train=True, image_size=32):
+def load_dataset(name, root="./data", train=True, image_size=32, classes=None):
     """Load a split -> (images uint8 (N, C, H, W), labels int64 (N,)).
 
     name: "mnist", "fashion-mnist", "cifar10" (or "cifar"), "cifar100", or "folder" for
-    root/train/<class>/*.png|jpg and root/test/<class>/* (resized to image_size x image_size, RGB).
+    root/train/<class>/*.png|jpg and root/test/<class>/* (resized to image_size x image_size, RGB),
+    whose labels index `classes` (default: the class folders of root/train; a saved model's own
+    names let its test split be read without root/train).
     Missing files are downloaded into root; every file is md5-checked once (see _verify)."""
     name = DATASET_ALIASES.get(name, name)
     if name == "folder":
-        classes = _class_names(os.path.join(root, "train"))
+        classes = classes or _class_names(os.path.join(root, "train"))
         folder = os.path.join(root, "train" if train else "test")
         images, labels = load_image_folder(folder, image_size, classes=classes)
         counts = torch.bincount(labels, minlength=len(classes)).tolist()
@@ -604,6 +606,10 @@ def load_image_folder(folder, image_size=32, classes=None):
                       if f.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    for path, _ in files:
+        if not os.path.isfile(path):  # Pillow would wait forever on a named pipe, and a broken link holds nothing
+            what = "a broken link" if os.path.islink(path) and not os.path.exists(path) else "not a regular file"
+            raise DataError(f"{path}: {what}, not an image; remove it or replace it with the image")
     listing = [(os.path.relpath(p, folder), _identity(p), y) for p, y in files]
     key = hashlib.md5(json.dumps([os.path.abspath(folder), image_size, classes, listing]).encode()).hexdigest()
     cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
@@ -612,7 +618,11 @@ def load_image_folder(folder, image_size=32, classes=None):
     if os.path.isfile(cache_path):
         try:
             cached = torch.load(cache_path, weights_only=True)
-            return cached["images"], cached["labels"]
+            images, labels = cached["images"], cached["labels"]
+            if (images.dtype != torch.uint8 or images.shape != (len(files), 3, image_size, image_size)
+                    or labels.tolist() != [y for _, y in files]):
+                raise ValueError("its images or labels are not those of the folder")
+            return images, labels
         except Exception as e:  # a broken cache is rebuilt, never trusted
             print(f"data: ignoring unreadable cache {cache_path} ({e})", file=sys.stderr)
     print(f"data: decoding {len(files)} images from {folder}", file=sys.stderr, flush=True)

@@ -597,6 +597,42 @@ def test_image_folder_names_the_file_it_cannot_decode(tmp_path, image):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
 
 
+@pytest.mark.parametrize("entry", ["named pipe", "broken link"])
+def test_an_image_folder_entry_that_is_no_file_is_named_not_waited_on(tmp_path, entry):
+    os.makedirs(tmp_path / "train" / "cat")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "good.png")
+    path = tmp_path / "train" / "cat" / "x.png"
+    if entry == "named pipe":
+        os.mkfifo(path)  # Image.open would wait for a writer forever
+    else:
+        os.symlink(tmp_path / "gone.png", path)
+    what = "not a regular file" if entry == "named pipe" else "a broken link"
+    with pytest.raises(data.DataError, match=f"{path}: {what}, not an image; remove it"):
+        data.load_dataset("folder", tmp_path, train=True, image_size=8)
+
+
+def test_an_image_folder_cache_that_holds_other_images_is_decoded_again(tmp_path, capsys):
+    os.makedirs(tmp_path / "train" / "cat")
+    for index in range(2):
+        Image.fromarray(np.full((8, 8, 3), 50 * index, np.uint8)).save(tmp_path / "train" / "cat" / f"{index}.png")
+    images, labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    [cache] = (tmp_path / "train" / ".vil-cache").iterdir()
+    torch.save({"images": images[:1], "labels": labels[:1]}, cache)  # loads, but is not the folder's
+    again, again_labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)
+    assert "ignoring unreadable cache" in capsys.readouterr().err
+
+
+def test_a_test_split_is_read_with_given_class_names_without_a_train_folder(tmp_path):
+    for cls in ("cat", "dog"):
+        os.makedirs(tmp_path / "test" / cls)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "test" / cls / "0.png")
+    images, labels = data.load_dataset("folder", tmp_path, train=False, image_size=8, classes=["bird", "cat", "dog"])
+    assert labels.tolist() == [1, 2] and images.shape == (2, 3, 8, 8)
+    with pytest.raises(data.DataError, match="no such folder"):  # without the names, train/ gives them
+        data.load_dataset("folder", tmp_path, train=False, image_size=8)
+
+
 def test_a_training_class_folder_without_images_is_refused_and_a_test_split_without_a_class_noted(tmp_path, capsys):
     for split, cls in (("train", "cat"), ("train", "dog"), ("test", "cat")):
         os.makedirs(tmp_path / split / cls)
