@@ -48,9 +48,9 @@ from data import (DATASET_ALIASES, DATASETS, POLICIES, POLICY_OPS, Augment, Devi
 from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, preset_config
 from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
-                   autocast, counted, derive_seed, ensure_writable_dir, format_seconds, has_native_bf16, json_text,
-                   keep_freed_memory, learning_rate, load_checkpoint, out_of_memory, plot_curves, resolve_device,
-                   save_checkpoint, save_json, setup_distributed, stop_requests, synchronize)
+                   autocast, counted, derive_seed, ensure_writable_dir, error_text, format_seconds, has_native_bf16,
+                   json_text, keep_freed_memory, learning_rate, load_checkpoint, out_of_memory, plot_curves,
+                   resolve_device, save_checkpoint, save_json, setup_distributed, stop_requests, synchronize)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
@@ -319,11 +319,23 @@ def allow_tf32(device):
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
+MODEL_FLAGS = ("dim", "depth", "patch_size", "pooling", "conv_kind", "mlstm_form", "chunk_size")  # change a preset
+
+
+def model_name(config, model_config):
+    """The preset's name and the model flags that changed it, as the opening line names the model:
+    "vil-1m", "vil-1m --dim 32 --depth 2"."""
+    preset = {**{field.name: field.default for field in dataclasses.fields(ViLConfig)},
+              **PRESETS[PRESET_ALIASES.get(config["model"], config["model"])]}
+    changed = [option_text(key, getattr(model_config, key)) for key in MODEL_FLAGS
+               if getattr(model_config, key) != preset[key]]
+    return " ".join([config["model"]] + changed)
+
+
 def vil_config(config, num_classes, in_chans, img_size):
     """The ViLConfig of a run's config: its preset with the model flags given (None keeps the preset's value) and
     the drop-path rate; model flags that make no model become a UserError."""
-    given = {key: config[key] for key in ("dim", "depth", "patch_size", "pooling", "conv_kind", "mlstm_form",
-                                          "chunk_size") if config[key] is not None}
+    given = {key: config[key] for key in MODEL_FLAGS if config[key] is not None}
     try:
         return preset_config(config["model"], num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                              drop_path=config["drop_path"], **given)
@@ -394,7 +406,7 @@ def make_augment(config):
 def load_split(config, train):
     try:
         return load_dataset(config["dataset"], config["data_dir"], train=train,
-                            image_size=config["image_size"])
+                            image_size=config["image_size"], classes=config.get("classes"))
     except OSError as error:  # e.g. --data-dir names a file, or a folder that cannot be created
         raise data_folder_error(config["data_dir"], error)
 
@@ -639,6 +651,10 @@ def check_saved_dataset(config):
         found += [("num_classes", config.get("num_classes"), info.num_classes),
                   ("model_config num_classes", model.get("num_classes"), info.num_classes)]
     wrong = [f"{name} {value}" for name, value, expected in found if value is not None and value != expected]
+    classes = config.get("classes")  # an image folder's class names, which its labels index
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(name, str) for name in classes)
+                                    and len(set(classes)) == len(classes) == model.get("num_classes", len(classes))):
+        wrong.append(f"classes {str(classes)[:80]}, not {model.get('num_classes', 'its')} distinct folder names")
     if wrong:
         raise UserError(f"its dataset {config['dataset']} has {info.in_chans} channel(s)"
                         f"{f' and {info.num_classes} classes' if info.num_classes else ''}, but it has "
@@ -710,7 +726,7 @@ def restore(checkpoint, path, model, optimizer, scaler, ema, device):
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path} does not fit the run's model ({type(error).__name__}: {str(error)[:200]})")
+        raise UserError(f"{path} does not fit the run's model ({type(error).__name__}: {error_text(error)})")
     return checkpoint["epoch"], checkpoint["step"], checkpoint["partial"]
 
 
@@ -1018,6 +1034,7 @@ def setup_run(config, given, resume, folder):
         start_epoch, start_step, partial = restore(checkpoint, checkpoint_path, raw_model, optimizer, scaler,
                                                    ema, device)
         saved_record = checkpoint.get("record")  # of start_epoch (absent in checkpoints before 2026-12-02)
+        check_steps_per_epoch(checkpoint, checkpoint_path, steps_per_epoch, len(train_labels), rank)
         del checkpoint
 
     model = raw_model
@@ -1041,6 +1058,21 @@ def setup_run(config, given, resume, folder):
                start_step=start_step, partial=partial, history=history,
                best_val_acc=max((record.get("val_acc", -1) for record in history), default=-1),
                train_seconds=sum(record["seconds"] for record in history))
+
+
+def check_steps_per_epoch(checkpoint, path, steps_per_epoch, train_size, rank):
+    """A resumed run's training split gives its epochs as many steps as before (an image folder may have
+    changed since): a UserError where it does not and the run stopped within an epoch, whose order of
+    batches and partial sums that count would not continue; a note where the epochs that follow change."""
+    saved = checkpoint.get("steps_per_epoch")  # absent in checkpoints before 2026-12-04
+    step = checkpoint["step"]
+    if step and (step >= steps_per_epoch or saved not in (None, steps_per_epoch)):
+        raise UserError(f"{path} was saved at {checkpoint_point(checkpoint['epoch'], step, saved)}, but the "
+                        f"training split now has {train_size} images, {steps_per_epoch} steps an epoch: the epoch "
+                        f"cannot go on where it stopped; point --data-dir at the data the run trained on")
+    if saved not in (None, steps_per_epoch) and rank == 0:
+        print(f"note: the training split now has {train_size} images, {steps_per_epoch} steps an epoch where the "
+              f"run had {saved}; the epochs ahead and their schedule follow the new count")
 
 
 def training_state(model, config, device, dtype):
@@ -1271,13 +1303,13 @@ def announce(run, given):
     config = run.config
     print(f"{config['dataset']}: {run.train_size} training images"
           f"{f', {len(run.val[1])} validation' if run.val is not None else ''}, "
-          f"{len(run.test[1])} test | {config['model']}: {run.raw_model.num_params() / 1e6:.2f}M "
-          f"parameters, {run.raw_model.flops_per_image() / 1e6:.0f} MFLOPs/image | {run.device}, "
+          f"{len(run.test[1])} test | {model_name(config, run.raw_model.config)}: "
+          f"{run.raw_model.num_params() / 1e6:.2f}M parameters, "
+          f"{run.raw_model.flops_per_image() / 1e6:.0f} MFLOPs/image | {run.device}, "
           f"{run.world_size} process{'es' if run.world_size > 1 else ''}, autocast "
           f"{str(run.dtype).replace('torch.', '') if run.dtype else 'off'} | run folder {config['out_dir']}")
     if run.resumed:
-        print(f"resuming after epoch {run.start_epoch}"
-              + (f", step {run.start_step}" if run.start_step else ""))
+        print(f"resuming after {checkpoint_point(run.start_epoch, run.start_step, run.steps_per_epoch)}")
         return
     recipe = recipe_line(config, given, run.raw_model.config)
     if recipe:
@@ -1413,7 +1445,7 @@ def save(run, epoch, step, partial=None, best=False, record=None):
         state = dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
                      scaler=run.scaler.state_dict(),
                      ema=run.ema.state_dict() if run.ema is not None else None,
-                     epoch=epoch, step=step, partial=partial, config=run.config,
+                     epoch=epoch, step=step, partial=partial, config=run.config, steps_per_epoch=run.steps_per_epoch,
                      # the last finished epoch's metrics record, which metrics.jsonl gets after the checkpoint:
                      # a resume restores it where a write that stopped the run left the file without it
                      record=record if record is not None else (run.history[-1] if run.history else None))
@@ -1584,8 +1616,11 @@ def evaluate_checkpoint(path, given):
         model.load_state_dict({name: value.to(model.state_dict()[name].dtype) for name, value in weights.items()})
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} does not match this version's model ({type(error).__name__}: "
-                        f"{str(error)[:200]})")
-    check_classes(config, dataset_classes(config), path)
+                        f"{error_text(error)})")
+    # an image folder's test labels index the class names saved with the model; train/, where there is one, must
+    # hold the same classes (a run saved before the names were kept has only train/'s to go by)
+    if config.get("classes") is None or os.path.isdir(os.path.join(config["data_dir"], "train")):
+        check_classes(config, dataset_classes(config), path)
     check_parallel_form_memory(model.config, device)
     model.to(device)
     images, labels = load_split(config, train=False)
@@ -1593,12 +1628,14 @@ def evaluate_checkpoint(path, given):
     mirror, shift = mirror_tta(config), config.get("tta_shift", 0)  # shift 0 for a run from before --tta-shift
     loss, accuracy = evaluate(model, images, labels, config, device, dtype, 0, 1, pad_to, tta=mirror, shift=shift,
                               progress="test")
+    # epoch: the whole epochs done; step: the steps done of the next one (a checkpoint saved when a run was stopped)
+    step = checkpoint.get("step") or 0  # absent in a best.pt
     result = dict(checkpoint=os.path.abspath(path), dataset=config["dataset"], test_acc=accuracy,
-                  test_loss=loss, epoch=checkpoint["epoch"], ema=checkpoint.get("ema") is not None,
+                  test_loss=loss, epoch=checkpoint["epoch"], step=step, ema=checkpoint.get("ema") is not None,
                   tta=mirror, tta_shift=shift)
     print(f"test accuracy {100 * accuracy:.2f}% on {config['dataset']} (loss {loss:.4f}"
           f"{views_text(mirror, shift)}) of {path} "
-          f"(epoch {checkpoint['epoch']}{', EMA weights' if result['ema'] else ''})")
+          f"({checkpoint_point(checkpoint['epoch'], step)}{', EMA weights' if result['ema'] else ''})")
     # named after the checkpoint, so that evaluating best.pt and checkpoint.pt keeps both results
     stem = os.path.splitext(os.path.basename(path))[0]
     eval_path = os.path.join(os.path.dirname(os.path.abspath(path)), f"eval-{stem}.json")
@@ -1623,8 +1660,11 @@ def main(argv=None):
             print(f"error: {error}", file=sys.stderr)
             return 2
         except NonFiniteLoss as error:
-            print(f"error: {error}. Stopped; {folder.outcome('unchanged', resumable=False)}. Try a lower --lr, "
-                  f"--grad-clip 1 or --amp off.", file=sys.stderr)
+            advice = ("--resume keeps the run's --lr and --grad-clip: resume it with --amp off, or start a new "
+                      "run with a lower --lr or --grad-clip 1" if resume
+                      else "Try a lower --lr, --grad-clip 1 or --amp off")
+            print(f"error: {error}. Stopped; {folder.outcome('unchanged', resumable=False)}. {advice}.",
+                  file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM, wherever it arrived
             print(f"\n{folder.interrupted()}", file=sys.stderr)

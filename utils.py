@@ -127,7 +127,7 @@ def load_checkpoint(path):
     except Exception as error:
         # torch's text for a file that is not plain tensors suggests weights_only=False, which would run any code
         # the file holds: the type alone
-        detail = "" if isinstance(error, pickle.UnpicklingError) else f": {str(error)[:200]}"
+        detail = "" if isinstance(error, pickle.UnpicklingError) else f": {error_text(error)}"
         raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
                         f"checkpoint of this project ({type(error).__name__}{detail})")
     if damaged is not None:
@@ -403,6 +403,13 @@ def format_seconds(seconds):
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def error_text(error, limit=200):
+    """An exception's text on one line (torch's can span several: one per mismatched tensor of a state dict),
+    cut at `limit` characters with "..."."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
 def counted(number, noun):

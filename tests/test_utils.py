@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from utils import (UserError, WeightEMA, atomic_write, counted, learning_rate, load_checkpoint, save_checkpoint,
-                   save_json)
+from utils import (UserError, WeightEMA, atomic_write, counted, error_text, learning_rate, load_checkpoint,
+                   save_checkpoint, save_json)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -131,6 +131,14 @@ def progress_lines(total, updated_steps):
 
 def test_counts_in_messages_take_the_singular_for_one_only():
     assert [counted(number, "epoch") for number in (0, 1, 2, 50)] == ["0 epochs", "1 epoch", "2 epochs", "50 epochs"]
+
+
+def test_an_error_text_is_one_line_and_says_where_it_was_cut():
+    error = RuntimeError("Error(s) in loading state_dict for VisionLSTM:\n\tsize mismatch for pos_embed: " + "x" * 300)
+    text = error_text(error)
+    assert "\n" not in text and "\t" not in text and len(text) == 200 and text.endswith("...")
+    assert text.startswith("Error(s) in loading state_dict for VisionLSTM: size mismatch for pos_embed")
+    assert error_text(ValueError("short")) == "short" and error_text(KeyError()) == "KeyError"
 
 
 def test_progress_prints_a_plain_line_per_tenth_of_the_epoch_when_not_a_terminal():
