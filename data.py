@@ -606,11 +606,7 @@ def load_image_folder(folder, image_size=32, classes=None):
                       if f.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    for path, _ in files:
-        if not os.path.isfile(path):  # Pillow would wait forever on a named pipe, and a broken link holds nothing
-            what = "a broken link" if os.path.islink(path) and not os.path.exists(path) else "not a regular file"
-            raise DataError(f"{path}: {what}, not an image; remove it or replace it with the image")
-    listing = [(os.path.relpath(p, folder), _identity(p), y) for p, y in files]
+    listing = [(os.path.relpath(p, folder), _image_identity(p), y) for p, y in files]
     key = hashlib.md5(json.dumps([os.path.abspath(folder), image_size, classes, listing]).encode()).hexdigest()
     cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
                  else os.path.join(os.path.dirname(verification_cache_path(folder)), "folders"))
@@ -620,11 +616,11 @@ def load_image_folder(folder, image_size=32, classes=None):
             cached = torch.load(cache_path, weights_only=True)
             images, labels = cached["images"], cached["labels"]
             if (images.dtype != torch.uint8 or images.shape != (len(files), 3, image_size, image_size)
-                    or labels.tolist() != [y for _, y in files]):
+                    or labels.dtype != torch.int64 or labels.tolist() != [y for _, y in files]):
                 raise ValueError("its images or labels are not those of the folder")
             return images, labels
         except Exception as e:  # a broken cache is rebuilt, never trusted
-            print(f"data: ignoring unreadable cache {cache_path} ({e})", file=sys.stderr)
+            print(f"data: ignoring the cache {cache_path} ({e})", file=sys.stderr)
     print(f"data: decoding {len(files)} images from {folder}", file=sys.stderr, flush=True)
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
     for i, (path, _) in enumerate(files):
@@ -747,12 +743,25 @@ def _md5(path):
     return digest.hexdigest()
 
 
-def _identity(path):
+def _identity(path, st=None):
     """What tells that a file changed without reading it -> [size, mtime_ns, ctime_ns, inode]. Copies
     keep size and mtime (cp -p, rsync -t, tar); a copy put in place has another inode and one written
-    over the old file another ctime, which no tool can set back."""
-    st = os.stat(path)
+    over the old file another ctime, which no tool can set back. st: the file's os.stat, where known."""
+    st = st or os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _image_identity(path):
+    """_identity of an image file, from the one stat that also refuses what is not a regular file: Pillow
+    would wait forever on a named pipe, and a broken link holds nothing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # listed, so a link to nothing
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        what = "a broken link" if st is None else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise DataError(f"{path}: {what}, not an image; remove it or replace it with the image")
+    return _identity(path, st)
 
 
 def _atomic_write(path, data):

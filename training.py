@@ -226,7 +226,11 @@ NEWER_SETTINGS = dict(time_budget=0.0, low_res=1.0)
 
 
 class NonFiniteLoss(Exception):
-    """The training loss or the weights became NaN or inf."""
+    """The training loss or the weights became NaN or inf; advice: what the user may change (non_finite_advice)."""
+
+    def __init__(self, message, advice):
+        super().__init__(message)
+        self.advice = advice
 
 
 def build_parser(suppress_defaults=False):
@@ -327,8 +331,9 @@ def model_name(config, model_config):
     "vil-1m", "vil-1m --dim 32 --depth 2"."""
     preset = {**{field.name: field.default for field in dataclasses.fields(ViLConfig)},
               **PRESETS[PRESET_ALIASES.get(config["model"], config["model"])]}
+    unused = settings_without_effect(config, model_config)  # --chunk-size of a parallel form, say
     changed = [option_text(key, getattr(model_config, key)) for key in MODEL_FLAGS
-               if getattr(model_config, key) != preset[key]]
+               if getattr(model_config, key) != preset[key] and key not in unused]
     return " ".join([config["model"]] + changed)
 
 
@@ -385,7 +390,6 @@ def flags_without_effect(config, given, model_config):
     a note saves a user from waiting for a difference that cannot come."""
     return [f"{option_text(name, config[name])} (for {purpose})"
             for name, purpose in settings_without_effect(config, model_config).items() if name in given]
-
 
 
 def random_flips(config):
@@ -651,14 +655,18 @@ def check_saved_dataset(config):
         found += [("num_classes", config.get("num_classes"), info.num_classes),
                   ("model_config num_classes", model.get("num_classes"), info.num_classes)]
     wrong = [f"{name} {value}" for name, value, expected in found if value is not None and value != expected]
-    classes = config.get("classes")  # an image folder's class names, which its labels index
-    if classes is not None and not (isinstance(classes, list) and all(isinstance(name, str) for name in classes)
-                                    and len(set(classes)) == len(classes) == model.get("num_classes", len(classes))):
-        wrong.append(f"classes {str(classes)[:80]}, not {model.get('num_classes', 'its')} distinct folder names")
     if wrong:
         raise UserError(f"its dataset {config['dataset']} has {info.in_chans} channel(s)"
                         f"{f' and {info.num_classes} classes' if info.num_classes else ''}, but it has "
                         f"{', '.join(wrong)}")
+    classes = config.get("classes")  # an image folder's class names, which its labels index: each a folder of
+    if classes is not None:          # <root>/test/ (not a path that leads elsewhere, nor a hidden one)
+        names = classes if isinstance(classes, list) else []
+        plain = all(isinstance(name, str) and name and name == os.path.basename(name) and not name.startswith(".")
+                    for name in names)
+        if not (names and plain and len(set(names)) == len(names) == model.get("num_classes", len(names))):
+            raise UserError(f"its classes {str(classes)[:80]} are not distinct class-folder names, one for each of "
+                            f"its model's {model.get('num_classes', len(names))} classes")
 
 
 # what a checkpoint needs beyond load_checkpoint's keys to continue the run
@@ -990,7 +998,7 @@ def setup_run(config, given, resume, folder):
         config["out_dir"] = folder.out_dir
     config, checkpoint = resolve_run(config, given, resume)
     if checkpoint is not None:
-        folder.saved = checkpoint_point(checkpoint["epoch"], checkpoint["step"])
+        folder.saved = checkpoint_point(checkpoint["epoch"], checkpoint["step"], checkpoint.get("steps_per_epoch"))
     check_config(config)  # a resumed run's settings from its command line, and the saved ones saved_config left
     rank, world_size, device = setup_distributed(resolve_device(config["device"]))
     if world_size > 1:  # the folder process 0 holds, which it may have named
@@ -1034,7 +1042,7 @@ def setup_run(config, given, resume, folder):
         start_epoch, start_step, partial = restore(checkpoint, checkpoint_path, raw_model, optimizer, scaler,
                                                    ema, device)
         saved_record = checkpoint.get("record")  # of start_epoch (absent in checkpoints before 2026-12-02)
-        check_steps_per_epoch(checkpoint, checkpoint_path, steps_per_epoch, len(train_labels), rank)
+        check_training_split(checkpoint, checkpoint_path, len(train_labels), steps_per_epoch)
         del checkpoint
 
     model = raw_model
@@ -1060,19 +1068,21 @@ def setup_run(config, given, resume, folder):
                train_seconds=sum(record["seconds"] for record in history))
 
 
-def check_steps_per_epoch(checkpoint, path, steps_per_epoch, train_size, rank):
-    """A resumed run's training split gives its epochs as many steps as before (an image folder may have
-    changed since): a UserError where it does not and the run stopped within an epoch, whose order of
-    batches and partial sums that count would not continue; a note where the epochs that follow change."""
-    saved = checkpoint.get("steps_per_epoch")  # absent in checkpoints before 2026-12-04
-    step = checkpoint["step"]
-    if step and (step >= steps_per_epoch or saved not in (None, steps_per_epoch)):
-        raise UserError(f"{path} was saved at {checkpoint_point(checkpoint['epoch'], step, saved)}, but the "
-                        f"training split now has {train_size} images, {steps_per_epoch} steps an epoch: the epoch "
-                        f"cannot go on where it stopped; point --data-dir at the data the run trained on")
-    if saved not in (None, steps_per_epoch) and rank == 0:
-        print(f"note: the training split now has {train_size} images, {steps_per_epoch} steps an epoch where the "
-              f"run had {saved}; the epochs ahead and their schedule follow the new count")
+def check_training_split(checkpoint, path, train_size, steps_per_epoch):
+    """A resumed run trains on the split it was saved with: a UserError where the training split has another
+    number of images (an image folder that gained or lost some), whose batches would not continue the run's
+    order, nor would its schedule and time budget count the same steps."""
+    saved, step = checkpoint.get("train_size"), checkpoint["step"]
+    if saved is None:  # a checkpoint from before 2026-12-04: only a stop past the new epoch's end is known wrong
+        changed = 0 < steps_per_epoch <= step
+    else:
+        changed = saved != train_size
+    if changed:
+        point = checkpoint_point(checkpoint["epoch"], step, checkpoint.get("steps_per_epoch"))
+        was = f" on {saved} images" if saved is not None else ""
+        raise UserError(f"{path} was saved at {point} of a run{was}, but the training split now has {train_size} "
+                        f"images, {counted(steps_per_epoch, 'step')} an epoch: the run cannot go on as it trained; "
+                        f"point --data-dir at the data it trained on, or start a new run")
 
 
 def training_state(model, config, device, dtype):
@@ -1412,6 +1422,15 @@ def check_due(run, step):
             or (run.world_size == 1 and run.folder.stop.requested))
 
 
+def non_finite_advice(run):
+    """The flags that may keep a run's loss finite, among those it can take: --resume keeps --lr and --grad-clip."""
+    amp = run.dtype is not None  # under autocast; --amp off is float32 already
+    if not run.resumed:
+        return "Try a lower --lr, --grad-clip 1 or --amp off" if amp else "Try a lower --lr or --grad-clip 1"
+    return ("--resume keeps the run's --lr and --grad-clip: " + ("resume it with --amp off, or " if amp else "")
+            + "start a new run with a lower --lr or --grad-clip 1")
+
+
 def check_step(run, meter, epoch, step):
     """The check after a step, agreed by all processes: NonFiniteLoss where the loss has become
     nan or inf on any of them, before any save (a NaN run never overwrites a checkpoint). Returns
@@ -1425,8 +1444,8 @@ def check_step(run, meter, epoch, step):
         bad = meter.first_non_finite(step + 1)
         where = f"step {bad + 1} of {run.steps_per_epoch}" if bad is not None else \
             f"a step up to {step + 1} of {run.steps_per_epoch} (on another process)"
-        raise NonFiniteLoss(f"the training loss became non-finite (nan or inf) at "
-                            f"epoch {epoch + 1}, {where}")
+        raise NonFiniteLoss(f"the training loss became non-finite (nan or inf) at epoch {epoch + 1}, {where}",
+                            non_finite_advice(run))
     return loss_sum, correct, bool(flags[0])
 
 
@@ -1438,14 +1457,15 @@ def save(run, epoch, step, partial=None, best=False, record=None):
     if not finite_weights(run.raw_model, run.ema):
         where = (f"epoch {epoch + 1}, step {step} of {run.steps_per_epoch}" if step
                  else f"the end of epoch {epoch}")
-        raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where}, while the "
-                            f"training loss was still finite")
+        raise NonFiniteLoss(f"the weights became non-finite (nan or inf) by {where}, while the training loss was "
+                            f"still finite", non_finite_advice(run))
     if run.is_main:
         # the data order and every random draw are functions of (seed, epoch, step): no RNG state
         state = dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
                      scaler=run.scaler.state_dict(),
                      ema=run.ema.state_dict() if run.ema is not None else None,
-                     epoch=epoch, step=step, partial=partial, config=run.config, steps_per_epoch=run.steps_per_epoch,
+                     epoch=epoch, step=step, partial=partial, config=run.config,
+                     train_size=run.train_size, steps_per_epoch=run.steps_per_epoch,
                      # the last finished epoch's metrics record, which metrics.jsonl gets after the checkpoint:
                      # a resume restores it where a write that stopped the run left the file without it
                      record=record if record is not None else (run.history[-1] if run.history else None))
@@ -1629,13 +1649,14 @@ def evaluate_checkpoint(path, given):
     loss, accuracy = evaluate(model, images, labels, config, device, dtype, 0, 1, pad_to, tta=mirror, shift=shift,
                               progress="test")
     # epoch: the whole epochs done; step: the steps done of the next one (a checkpoint saved when a run was stopped)
-    step = checkpoint.get("step") or 0  # absent in a best.pt
+    step = checkpoint.get("step", 0)  # absent in a checkpoint not written by training.py
     result = dict(checkpoint=os.path.abspath(path), dataset=config["dataset"], test_acc=accuracy,
                   test_loss=loss, epoch=checkpoint["epoch"], step=step, ema=checkpoint.get("ema") is not None,
                   tta=mirror, tta_shift=shift)
     print(f"test accuracy {100 * accuracy:.2f}% on {config['dataset']} (loss {loss:.4f}"
           f"{views_text(mirror, shift)}) of {path} "
-          f"({checkpoint_point(checkpoint['epoch'], step)}{', EMA weights' if result['ema'] else ''})")
+          f"({checkpoint_point(checkpoint['epoch'], step, checkpoint.get('steps_per_epoch'))}"
+          f"{', EMA weights' if result['ema'] else ''})")
     # named after the checkpoint, so that evaluating best.pt and checkpoint.pt keeps both results
     stem = os.path.splitext(os.path.basename(path))[0]
     eval_path = os.path.join(os.path.dirname(os.path.abspath(path)), f"eval-{stem}.json")
@@ -1660,10 +1681,7 @@ def main(argv=None):
             print(f"error: {error}", file=sys.stderr)
             return 2
         except NonFiniteLoss as error:
-            advice = ("--resume keeps the run's --lr and --grad-clip: resume it with --amp off, or start a new "
-                      "run with a lower --lr or --grad-clip 1" if resume
-                      else "Try a lower --lr, --grad-clip 1 or --amp off")
-            print(f"error: {error}. Stopped; {folder.outcome('unchanged', resumable=False)}. {advice}.",
+            print(f"error: {error}. Stopped; {folder.outcome('unchanged', resumable=False)}. {error.advice}.",
                   file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM, wherever it arrived

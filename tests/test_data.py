@@ -597,16 +597,19 @@ def test_image_folder_names_the_file_it_cannot_decode(tmp_path, image):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
 
 
-@pytest.mark.parametrize("entry", ["named pipe", "broken link"])
-def test_an_image_folder_entry_that_is_no_file_is_named_not_waited_on(tmp_path, entry):
+@pytest.mark.parametrize("entry, what", [("named pipe", "not a regular file"), ("broken link", "a broken link"),
+                                         ("folder", "a folder")])
+def test_an_image_folder_entry_that_is_no_file_is_named_not_waited_on(tmp_path, monkeypatch, entry, what):
     os.makedirs(tmp_path / "train" / "cat")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "good.png")
     path = tmp_path / "train" / "cat" / "x.png"
     if entry == "named pipe":
-        os.mkfifo(path)  # Image.open would wait for a writer forever
-    else:
+        os.mkfifo(path)  # Image.open would wait for a writer forever: the test fails instead of hanging
+        monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("opened a named pipe"))
+    elif entry == "broken link":
         os.symlink(tmp_path / "gone.png", path)
-    what = "not a regular file" if entry == "named pipe" else "a broken link"
+    else:
+        os.mkdir(path)
     with pytest.raises(data.DataError, match=f"{path}: {what}, not an image; remove it"):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
 
@@ -617,10 +620,12 @@ def test_an_image_folder_cache_that_holds_other_images_is_decoded_again(tmp_path
         Image.fromarray(np.full((8, 8, 3), 50 * index, np.uint8)).save(tmp_path / "train" / "cat" / f"{index}.png")
     images, labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
     [cache] = (tmp_path / "train" / ".vil-cache").iterdir()
-    torch.save({"images": images[:1], "labels": labels[:1]}, cache)  # loads, but is not the folder's
-    again, again_labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
-    assert torch.equal(again, images) and torch.equal(again_labels, labels)
-    assert "ignoring unreadable cache" in capsys.readouterr().err
+    # each loads, but is not the folder's: one image fewer, other labels, labels of another dtype
+    for other_images, other_labels in ((images[:1], labels[:1]), (images, 1 - labels), (images, labels.int())):
+        torch.save({"images": other_images, "labels": other_labels}, cache)
+        again, again_labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+        assert torch.equal(again, images) and torch.equal(again_labels, labels) and again_labels.dtype == torch.int64
+        assert f"ignoring the cache {cache}" in capsys.readouterr().err
 
 
 def test_a_test_split_is_read_with_given_class_names_without_a_train_folder(tmp_path):

@@ -1110,8 +1110,7 @@ def interrupt_at(monkeypatch, step):
     monkeypatch.setattr(training.F, "cross_entropy", loss_then_interrupt)
 
 
-def test_a_run_stopped_within_an_epoch_resumes_only_on_a_training_split_of_its_size(data_dir, tmp_path, capsys,
-                                                                                   monkeypatch):
+def test_a_run_resumes_only_on_a_training_split_of_its_size(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, 6 + 3)  # epoch 2 (6 steps an epoch), step 3
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3"], capsys)
@@ -1121,23 +1120,24 @@ def test_a_run_stopped_within_an_epoch_resumes_only_on_a_training_split_of_its_s
     partial = tmp_path / "partial.pt"
     partial.write_bytes((out / "checkpoint.pt").read_bytes())
     code, captured = run_main(["--eval-only", "--checkpoint", str(partial), "--data-dir", data_dir], capsys)
-    assert code == 0 and f"of {partial} (epoch 2, step 3)" in captured.out, captured.out
+    assert code == 0 and f"of {partial} (epoch 2, step 3 of 6)" in captured.out, captured.out
     assert json.loads((tmp_path / "eval-partial.json").read_text())["step"] == 3
     before = (out / "checkpoint.pt").read_bytes()
-    # 48 or 128 training images, 3 or 8 steps an epoch: the stopped epoch's batches and sums would not continue
-    for per_class, steps in ((24, 3), (64, 8)):
+    # 48, 98 or 128 training images, 3, 6 or 8 steps an epoch: the run's order of batches would not continue
+    for per_class, steps in ((24, 3), (49, 6), (64, 8)):
         other = tmp_path / f"data-{per_class}"
         write_folder_dataset(str(other), train_per_class=per_class)
         code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", str(other)], capsys)
-        assert code == 2 and (f"was saved at epoch 2, step 3 of 6, but the training split now has {2 * per_class} "
-                              f"images, {steps} steps an epoch") in captured.err, captured.err
+        assert code == 2 and (f"was saved at epoch 2, step 3 of 6 of a run on 96 images, but the training split "
+                              f"now has {2 * per_class} images, {steps} steps an epoch") in captured.err, captured.err
         assert "Traceback" not in captured.err and (out / "checkpoint.pt").read_bytes() == before
     # a checkpoint from before the steps were saved: refused where its step lies past the new epoch's end
     checkpoint = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    del checkpoint["steps_per_epoch"]
+    del checkpoint["steps_per_epoch"], checkpoint["train_size"]
     torch.save(checkpoint, out / "checkpoint.pt")
     code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", str(tmp_path / "data-24")], capsys)
-    assert code == 2 and "was saved at epoch 2, step 3, but the training split now has 48 images" in captured.err
+    assert code == 2 and "was saved at epoch 2, step 3 of a run, but the training split now has 48 images" in \
+        captured.err, captured.err
     code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", data_dir], capsys)
     assert code == 0 and "resuming after epoch 2, step 3 of 6" in captured.out, captured.err
 
@@ -1148,28 +1148,42 @@ def test_eval_only_of_an_image_folder_run_needs_only_the_test_folder(data_dir, t
     shutil.copytree(os.path.join(data_dir, "test"), only_test / "test")  # the class names come from the checkpoint
     checkpoint = str(copy_run(trained_run, tmp_path) / "checkpoint.pt")
     results = []
-    for root in (data_dir, str(only_test)):
-        code, captured = run_main(["--eval-only", "--checkpoint", checkpoint, "--data-dir", root], capsys)
+    for name in ("dark", "light"):  # each class alone, labelled by its saved index (test/'s own would make it 0)
+        shutil.copytree(os.path.join(data_dir, "test", name), tmp_path / f"only-{name}" / "test" / name)
+    for root in (data_dir, only_test, tmp_path / "only-dark", tmp_path / "only-light"):
+        code, captured = run_main(["--eval-only", "--checkpoint", checkpoint, "--data-dir", str(root)], capsys)
         assert code == 0, captured.err
         results.append(json.loads((tmp_path / "run" / "eval-checkpoint.json").read_text())["test_acc"])
-    assert results[0] == results[1]
+    assert results[0] == results[1] == pytest.approx((results[2] + results[3]) / 2)  # 16 test images of each
 
 
 def test_the_opening_line_names_the_model_flags_that_changed_the_preset(data_dir, tmp_path, capsys):
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "run"), "--epochs", "1",
-                                      "--pooling", "bilateral_avg"], capsys)
+                                      "--pooling", "bilateral_avg", "--chunk-size", "8"], capsys)
     assert code == 0, captured.err
-    # TINY's --patch-size 4 is vil-1m's own, so it goes unnamed
+    # TINY's --patch-size 4 is vil-1m's own, and --chunk-size does nothing to the parallel form: both go unnamed
     assert " | vil-1m --dim 32 --depth 2 --pooling bilateral_avg: 0.02M parameters" in captured.out, captured.out
 
 
-def test_a_run_resumed_between_epochs_on_a_changed_training_split_says_so(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize("classes", [["dark", "dark"], "dark light", ["dark", "../elsewhere"], ["dark", ""],
+                                     ["dark", ".vil-cache"], ["dark", "light", "grey"], ["dark", 1]])
+def test_saved_class_names_that_are_no_class_folders_of_the_model_are_refused(trained_run, data_dir, tmp_path, capsys,
+                                                                             classes):
+    checkpoint = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    checkpoint["config"]["classes"] = classes  # edited by hand: names that lead out of test/, or too many
+    path = tmp_path / "edited.pt"
+    torch.save(checkpoint, path)
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path), "--data-dir", data_dir], capsys)
+    assert code == 2 and ("are not distinct class-folder names, one for each of its model's 2 classes"
+                          in captured.err), captured.err
+
+
+def test_a_run_stopped_between_epochs_refuses_a_changed_training_split_too(trained_run, tmp_path, capsys):
     out, other = copy_run(trained_run, tmp_path), tmp_path / "more"
     write_folder_dataset(str(other), train_per_class=64)
     code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", str(other), "--epochs", "2"], capsys)
-    assert code == 0, captured.err
-    assert ("note: the training split now has 128 images, 8 steps an epoch where the run had 6; the epochs ahead "
-            "and their schedule follow the new count") in captured.out
+    assert code == 2 and (f"{out / 'checkpoint.pt'} was saved at epoch 1 of a run on 96 images, but the training "
+                          f"split now has 128 images, 8 steps an epoch") in captured.err, captured.err
 
 
 def test_a_resumed_run_whose_loss_turns_non_finite_is_not_advised_flags_resume_ignores(trained_run, tmp_path,
@@ -1180,8 +1194,9 @@ def test_a_resumed_run_whose_loss_turns_non_finite_is_not_advised_flags_resume_i
         logits, target, **kwargs) * (float("nan") if kwargs.get("reduction", "mean") == "mean" else 1.0))
     code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
     assert code == 1 and "non-finite" in captured.err
-    assert ("--resume keeps the run's --lr and --grad-clip: resume it with --amp off, or start a new run with a "
-            "lower --lr or --grad-clip 1.") in captured.err, captured.err
+    # TINY's runs are float32 (--amp off) already: no advice to turn autocast off
+    assert ("--resume keeps the run's --lr and --grad-clip: start a new run with a lower --lr or --grad-clip 1."
+            in captured.err and "--amp" not in captured.err), captured.err
 
 
 def test_signals_during_a_checkpoint_write_wait_until_it_is_written(data_dir, tmp_path, capsys, monkeypatch):
