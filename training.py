@@ -200,7 +200,7 @@ RECIPES = {
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
     # at most 50 epochs, as many as fit 50 minutes of training (from timed steps, then again after each epoch
     # of the first half): the hour with room for the evaluation and for a machine that drifts (the timed steps
-    # ran faster than the epochs in eight of the twelve budgeted runs of README.md's results table, by 4-18% on
+    # ran faster than the epochs in eight of the first twelve budgeted runs of README.md's results table, by 4-18% on
     # quiet machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
     # "Recipe ablations"); the first two thirds of the epochs at 16 and 24 px: more epochs in the budget, ahead
     # on a validation split at equal training time (RESULTS.md, "Progressive resizing"); no weight EMA: the raw
@@ -1218,7 +1218,7 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     steps after the first BUDGET_WARMUP_STEPS, for the first epoch a process runs and the first at a new size of
     --low-res (their first steps warm up, or compile), or None for the whole epoch's; under --low-res that pace is
     scaled to a full-size epoch's by the timed steps' shares (budget_shares), which the epochs ahead then take. Why
-    a machine needs refits: README.md, "--time-budget". Under torchrun the slowest process's times count.
+    a machine needs refits: README.md, "Flags", `--time-budget`. Under torchrun the slowest process's times count.
     Recorded in config (time_budget_fit["refits"]); returns the line that reports it, or None after a later
     refit that leaves the epochs unchanged."""
     config, fit = run.config, run.config["time_budget_fit"]
