@@ -562,6 +562,17 @@ def read_cifar_batch(path, label_key=b"labels"):
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+DECODING = 2  # in the decode cache's key: a change of how images are decoded makes earlier caches stale
+
+
+def _rgb(image):
+    """A PIL image as 8-bit RGB. Grey values of 16 bits (modes I;16 and I: 16-bit PNGs) are scaled to 8,
+    their top byte; Pillow's convert would clip them at 255, and a 16-bit image would turn nearly white."""
+    if image.mode.startswith("I"):
+        from PIL import Image
+        grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+        image = Image.fromarray(grey.astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _subfolders(folder):
@@ -607,7 +618,8 @@ def load_image_folder(folder, image_size=32, classes=None):
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
     listing = [(os.path.relpath(p, folder), _image_identity(p), y) for p, y in files]
-    key = hashlib.md5(json.dumps([os.path.abspath(folder), image_size, classes, listing]).encode()).hexdigest()
+    identity = [os.path.abspath(folder), image_size, classes, listing, DECODING]
+    key = hashlib.md5(json.dumps(identity).encode()).hexdigest()
     cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
                  else os.path.join(os.path.dirname(verification_cache_path(folder)), "folders"))
     cache_path = os.path.join(cache_dir, f"{key}.pt")
@@ -626,7 +638,7 @@ def load_image_folder(folder, image_size=32, classes=None):
     for i, (path, _) in enumerate(files):
         try:
             with Image.open(path) as im:
-                images[i] = np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BICUBIC))
+                images[i] = np.asarray(_rgb(im).resize((image_size, image_size), Image.BICUBIC))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             # Pillow refuses images of more than 2 * Image.MAX_IMAGE_PIXELS (179M) pixels as decompression bombs
             raise DataError(f"{path}: cannot decode this image ({e}); remove or replace it.") from None

@@ -561,6 +561,21 @@ def test_image_folder_decodes_resizes_and_caches(tmp_path, monkeypatch):
         data.load_dataset("folder", tmp_path / "nowhere", train=True)
 
 
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    # Pillow's convert("RGB") clips 16-bit grey values at 255: a ramp over 0..65535 came out nearly all white
+    ramp = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 0, 257, ..., 65535: 8-bit i is 16-bit 257 i
+    for split in ("train", "test"):
+        for cls in ("deep", "plain"):
+            os.makedirs(tmp_path / split / cls)
+        Image.fromarray(ramp).save(tmp_path / split / "deep" / "ramp.png")  # 16 bits a pixel
+        Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / split / "plain" / "ramp.png")
+    assert Image.open(tmp_path / "train" / "deep" / "ramp.png").mode == "I;16"
+    images, labels = data.load_dataset("folder", tmp_path, train=True, image_size=16)
+    assert labels.tolist() == [0, 1]
+    assert torch.equal(images[0], images[1])  # the 16-bit image decodes as its 8-bit twin
+    assert torch.equal(images[1][0], torch.arange(256, dtype=torch.uint8).reshape(16, 16))
+
+
 def test_image_folder_cache_notices_an_image_replaced_with_its_size_and_mtime_kept(tmp_path):
     os.makedirs(tmp_path / "train" / "cat")
     path = tmp_path / "train" / "cat" / "0.bmp"  # uncompressed: the same size whatever the pixels
