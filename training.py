@@ -531,13 +531,17 @@ class RunFolder:
             raise UserError(f"no run in {out_dir}: {missing} (--resume continues the run in --out-dir from its "
                             f"checkpoint.pt)")
         try:
-            ensure_writable_dir(out_dir)
+            ensure_writable_dir(out_dir, RUN_FILES + ("curves.png",))
         except OSError as error:
             reason = "it is a file, not a folder" if os.path.isfile(out_dir) else error.strerror or error
             advice = "make it writable to continue the run" if resume else "choose another with --out-dir"
             raise UserError(f"cannot write to the run folder {out_dir} ({reason}); {advice}")
         self.out_dir = out_dir
-        lock = open(os.path.join(out_dir, ".lock"), "a+")
+        try:
+            lock = open(os.path.join(out_dir, ".lock"), "a+")
+        except OSError as error:  # a folder of that name, or another user's lock file
+            raise UserError(f"cannot open the run folder's lock file {os.path.join(out_dir, '.lock')} "
+                            f"({error.strerror or error}); remove it if no run is using {out_dir}")
         try:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -913,6 +917,7 @@ class Run:
     world_size: int
     loader: DeviceLoader  # this process's share of the training split
     train_size: int  # images of the training split, over all processes
+    source_size: int  # the training images it was drawn from (before --val-size and --limit-train)
     val: tuple | None  # (images, labels) held out by --val-size, or None
     test: tuple  # (images, labels)
     pad_to: int | None
@@ -949,7 +954,8 @@ class Run:
 
 def load_splits(config, rank, world_size, device, checkpoint_path):
     """The run's data, whole on the training device: (train images, train labels, validation split or
-    None, test split, number of classes). Records an image folder's class names in config, checked
+    None, test split, number of classes, the number of training images the split was drawn from, before
+    --val-size and --limit-train). Records an image folder's class names in config, checked
     against a resumed run's (checkpoint_path None: a new run)."""
     info = DATASETS[config["dataset"]]
     classes = dataset_classes(config)
@@ -962,7 +968,7 @@ def load_splits(config, rank, world_size, device, checkpoint_path):
         config["classes"] = classes
     (train_images, train_labels), test = load_data(config, rank, world_size, device)
     num_classes = len(classes) if classes is not None else info.num_classes
-    val = None
+    source_size, val = len(train_labels), None
     if config["val_size"]:
         if config["val_size"] >= len(train_labels):
             raise UserError(f"--val-size {config['val_size']} leaves no training images "
@@ -978,7 +984,7 @@ def load_splits(config, rank, world_size, device, checkpoint_path):
     if len(train_labels) < config["batch_size"]:
         raise UserError(f"--batch-size {config['batch_size']} is larger than the "
                         f"{len(train_labels)} training images")
-    return train_images, train_labels, val, test, num_classes
+    return train_images, train_labels, val, test, num_classes, source_size
 
 
 def setup_run(config, given, resume, folder):
@@ -1014,7 +1020,7 @@ def setup_run(config, given, resume, folder):
 
     # data: the whole split lives on the training device
     info = DATASETS[config["dataset"]]
-    train_images, train_labels, val, test, num_classes = load_splits(
+    train_images, train_labels, val, test, num_classes, source_size = load_splits(
         config, rank, world_size, device, checkpoint_path if checkpoint is not None else None)
     height, width = model_image_size(config)
     pad_to = padding_for(train_images, (height, width))
@@ -1042,7 +1048,7 @@ def setup_run(config, given, resume, folder):
         start_epoch, start_step, partial = restore(checkpoint, checkpoint_path, raw_model, optimizer, scaler,
                                                    ema, device)
         saved_record = checkpoint.get("record")  # of start_epoch (absent in checkpoints before 2026-12-02)
-        check_training_split(checkpoint, checkpoint_path, len(train_labels), steps_per_epoch)
+        check_training_split(checkpoint, checkpoint_path, len(train_labels), source_size, steps_per_epoch)
         del checkpoint
 
     model = raw_model
@@ -1059,8 +1065,8 @@ def setup_run(config, given, resume, folder):
                                                                     default=0):
             history.append(saved_record)
     return Run(config=config, folder=folder, device=device, dtype=dtype, rank=rank, world_size=world_size,
-               loader=loader, train_size=len(train_labels), val=val, test=test, pad_to=pad_to,
-               tta=mirror_tta(config), raw_model=raw_model, model=model, eval_model=eval_model,
+               loader=loader, train_size=len(train_labels), source_size=source_size, val=val, test=test,
+               pad_to=pad_to, tta=mirror_tta(config), raw_model=raw_model, model=model, eval_model=eval_model,
                optimizer=optimizer, scaler=scaler, ema=ema, steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, warmup_steps=warmup_steps, resumed=resume, start_epoch=start_epoch,
                start_step=start_step, partial=partial, history=history,
@@ -1068,17 +1074,23 @@ def setup_run(config, given, resume, folder):
                train_seconds=sum(record["seconds"] for record in history))
 
 
-def check_training_split(checkpoint, path, train_size, steps_per_epoch):
+def check_training_split(checkpoint, path, train_size, source_size, steps_per_epoch):
     """A resumed run trains on the split it was saved with: a UserError where the training split has another
     number of images (an image folder that gained or lost some), whose batches would not continue the run's
-    order, nor would its schedule and time budget count the same steps."""
+    order, nor would its schedule and time budget count the same steps; or where a split of the same size is
+    drawn (--val-size, --limit-train) from another number of images, and so holds other images."""
     saved, step = checkpoint.get("train_size"), checkpoint["step"]
+    point = checkpoint_point(checkpoint["epoch"], step, checkpoint.get("steps_per_epoch"))
+    saved_source = checkpoint.get("source_size")  # absent in checkpoints before 2026-12-04
+    if saved == train_size and saved_source not in (None, source_size):
+        raise UserError(f"{path} was saved at {point} of a run whose {saved} training images were drawn from "
+                        f"{saved_source}, but there are {source_size} to draw from now, so the run's images would "
+                        f"not be the same: point --data-dir at the data it trained on, or start a new run")
     if saved is None:  # a checkpoint from before 2026-12-04: only a stop past the new epoch's end is known wrong
         changed = 0 < steps_per_epoch <= step
     else:
         changed = saved != train_size
     if changed:
-        point = checkpoint_point(checkpoint["epoch"], step, checkpoint.get("steps_per_epoch"))
         was = f" on {saved} images" if saved is not None else ""
         raise UserError(f"{path} was saved at {point} of a run{was}, but the training split now has {train_size} "
                         f"images, {counted(steps_per_epoch, 'step')} an epoch: the run cannot go on as it trained; "
@@ -1465,7 +1477,7 @@ def save(run, epoch, step, partial=None, best=False, record=None):
                      scaler=run.scaler.state_dict(),
                      ema=run.ema.state_dict() if run.ema is not None else None,
                      epoch=epoch, step=step, partial=partial, config=run.config,
-                     train_size=run.train_size, steps_per_epoch=run.steps_per_epoch,
+                     train_size=run.train_size, source_size=run.source_size, steps_per_epoch=run.steps_per_epoch,
                      # the last finished epoch's metrics record, which metrics.jsonl gets after the checkpoint:
                      # a resume restores it where a write that stopped the run left the file without it
                      record=record if record is not None else (run.history[-1] if run.history else None))
@@ -1703,4 +1715,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # a path's bytes that are no text (a folder named in another encoding) print as \x.. escapes, as on stderr,
+    # where a strict UTF-8 stdout would stop the run with an encoding error
+    sys.stdout.reconfigure(errors="backslashreplace")
     sys.exit(main())

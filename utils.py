@@ -135,8 +135,9 @@ def load_checkpoint(path):
                         f"error?); use another copy of it (or the run's best.pt, where it has one)")
     required = {"model": dict, "config": dict, "epoch": int}
     if not isinstance(checkpoint, dict) or not all(isinstance(checkpoint.get(key), kind)
-                                                   for key, kind in required.items()):
-        needs = ", ".join(f"{key} ({kind.__name__})" for key, kind in required.items())
+                                                   for key, kind in required.items()) \
+            or isinstance(checkpoint["epoch"], bool) or checkpoint["epoch"] < 0:  # True is an int too
+        needs = ", ".join(f"{key} ({kind.__name__})" for key, kind in required.items()) + " of 0 or more"
         raise UserError(f"{path} is not a vision-lstm checkpoint: it needs a {needs}, and lacks one or holds "
                         f"another kind of value")
     return checkpoint
@@ -152,11 +153,14 @@ def _damaged_record(path):
         return archive.testzip() if any(record.CRC for record in archive.infolist()) else None
 
 
-def ensure_writable_dir(path):
-    """Create `path` if needed and check that files can be written there (OSError if not)."""
+def ensure_writable_dir(path, names=()):
+    """Create `path` if needed and check that files can be written there (OSError if not), under the
+    temporary name atomic_write would give the longest of `names`: a path near the system's limit on
+    a path's length fails here, not at the first file a run saves."""
     os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-        pass
+    longest = max(names, key=len, default="")
+    with tempfile.NamedTemporaryFile(dir=os.path.abspath(path), prefix=f".{longest}.", suffix=".tmp"):
+        pass  # a name atomic_write's sweep removes, were this process killed before it did
 
 
 # ----------------------------------------------------------------------------- distributed

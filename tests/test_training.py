@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1184,6 +1185,59 @@ def test_a_run_stopped_between_epochs_refuses_a_changed_training_split_too(train
     code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", str(other), "--epochs", "2"], capsys)
     assert code == 2 and (f"{out / 'checkpoint.pt'} was saved at epoch 1 of a run on 96 images, but the training "
                           f"split now has 128 images, 8 steps an epoch") in captured.err, captured.err
+
+
+@pytest.mark.parametrize("draw", [["--limit-train", "64"], ["--val-size", "16", "--limit-train", "64"]])
+def test_a_split_drawn_from_a_grown_folder_is_refused_though_its_size_is_the_same(data_dir, tmp_path, capsys, draw):
+    # 64 of the 96 images (of the 80 left after 16 held out): one image more in the folder draws other images,
+    # and the split's size alone does not show it (a --val-size alone does: its split grows by the image)
+    out = one_epoch_run(data_dir, tmp_path / "run", *draw)
+    before = (out / "checkpoint.pt").read_bytes()
+    grown = tmp_path / "grown"
+    write_folder_dataset(str(grown))
+    shutil.copy(grown / "train" / "dark" / "0.png", grown / "train" / "dark" / "extra.png")
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", str(grown), "--epochs", "2"], capsys)
+    assert code == 2 and (f"was saved at epoch 1 of a run whose 64 training images were drawn from 96, but "
+                          f"there are 97 to draw from now") in captured.err, captured.err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named_not_a_traceback(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path)
+    os.remove(out / ".lock")
+    os.mkdir(out / ".lock")  # as a lock file of another user's would refuse to open
+    before = (out / "checkpoint.pt").read_bytes()
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    assert code == 2 and captured.err == (f"error: cannot open the run folder's lock file {out / '.lock'} (Is a "
+                                          f"directory); remove it if no run is using {out}\n"), captured.err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_run_folder_too_deep_for_its_files_names_is_refused_before_training(data_dir, tmp_path, capsys):
+    # the folder itself can be made, but not the temporary file of its first save ('.metrics.jsonl.xxxxxxxx.tmp'):
+    # found out at the end of the first epoch before, the epoch lost
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX")
+    out = str(tmp_path)
+    while len(out) < limit - 20 - 201:
+        out = os.path.join(out, "d" * 200)
+    out = os.path.join(out, "e" * (limit - 20 - len(out) - 1))  # 20 characters short of the limit
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", out, "--epochs", "1"], capsys)
+    assert code == 2 and "cannot write to the run folder" in captured.err and "File name too long" in captured.err
+    assert "epoch 1/1" not in captured.out + captured.err
+
+
+def test_a_run_folder_name_that_is_not_text_prints_on_a_strict_utf8_stdout(data_dir, tmp_path):
+    # a byte that is no UTF-8 in a folder's name: a strict stdout stopped the run (and --eval-only after its
+    # evaluation, its result unwritten) with an encoding error
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run-\xe9")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8:strict", OMP_NUM_THREADS="1")
+    for args in (TINY + ["--data-dir", data_dir, "--out-dir", out, "--epochs", "1", "--limit-train", "32"],
+                 ["--eval-only", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--data-dir", data_dir]):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "training.py"), *args], cwd=ROOT, env=env,
+                                capture_output=True, timeout=300)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+        assert b"run-\\udce9" in result.stdout  # as stderr shows it
+    assert os.path.isfile(os.path.join(out, "final.json")) and os.path.isfile(os.path.join(out, "eval-checkpoint.json"))
 
 
 def test_a_resumed_run_whose_loss_turns_non_finite_is_not_advised_flags_resume_ignores(trained_run, tmp_path,

@@ -256,9 +256,9 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_and_a_folder_named(tmp_path)
     with pytest.raises(UserError, match="is a folder: give the checkpoint file in it"):
         load_checkpoint(str(tmp_path))
     # edited by hand into other kinds of values: refused by name, not met later as a TypeError
-    for edit in ({"epoch": "1"}, {"model": None}, {"config": []}):
+    for edit in ({"epoch": "1"}, {"model": None}, {"config": []}, {"epoch": -1}, {"epoch": True}):
         save_checkpoint({"model": {}, "config": {}, "epoch": 1, **edit}, path)
-        with pytest.raises(UserError, match=r"needs a model \(dict\), config \(dict\), epoch \(int\)"):
+        with pytest.raises(UserError, match=r"needs a model \(dict\), config \(dict\), epoch \(int\) of 0 or more"):
             load_checkpoint(str(path))
 
 
