@@ -363,8 +363,18 @@ def check_model_flags(config):
     --patch-size that does not divide the image) before any data is loaded or downloaded. Returns the
     model's ViLConfig (with a placeholder class count for an image folder)."""
     info = DATASETS[config["dataset"]]
+    check_tta_shift(config["tta_shift"], model_image_size(config))
     # an image folder's class count is not known yet, and no other setting depends on it
     return vil_config(config, max(info.num_classes, 1), info.in_chans, model_image_size(config))
+
+
+def check_tta_shift(shift, img_size):
+    """Refuse a --tta-shift that moves the model's (height, width) images wholly out of view: 8 of the 10 views
+    would be blank."""
+    side = min(img_size)
+    if shift >= side:
+        raise UserError(f"--tta-shift {shift} moves the {side}-px images out of view; give less than {side} "
+                        f"(the CIFAR-10 recipe shifts its 32-px images by 2)")
 
 
 def settings_without_effect(config, model_config):
@@ -683,6 +693,10 @@ def resolve_run(config, given, resume):
     if not resume:
         return config, None
     path = os.path.join(config["out_dir"], "checkpoint.pt")
+    if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
+        what = "a folder" if os.path.isdir(path) else f"a broken link (to {os.readlink(path)})"
+        raise UserError(f"{path} is {what}, not a checkpoint, so the run cannot continue from it; put the run's "
+                        f"checkpoint file there, or start a new run in another --out-dir")
     if not os.path.exists(path):
         raise UserError(f"nothing to resume in {config['out_dir']}: it has no checkpoint.pt (a run saves one "
                         f"after each epoch, and when Ctrl-C stops its training); start a new run without --resume")
@@ -1037,6 +1051,7 @@ def setup_run(config, given, resume, folder):
     raw_model = VisionLSTM(vil_config(config, num_classes, train_images.shape[1], (height, width))).to(device)
     check_parallel_form_memory(raw_model.config, device, config["batch_size"] // world_size, dtype,
                                config["compile"])
+    check_tta_shift(config["tta_shift"], raw_model.config.img_size)  # a resume may change it
     config["model_config"] = dataclasses.asdict(raw_model.config)
     config["num_classes"] = num_classes
     optimizer, scaler, ema = training_state(raw_model, config, device, dtype)
@@ -1654,6 +1669,7 @@ def evaluate_checkpoint(path, given):
     if config.get("classes") is None or os.path.isdir(os.path.join(config["data_dir"], "train")):
         check_classes(config, dataset_classes(config), path)
     check_parallel_form_memory(model.config, device)
+    check_tta_shift(config.get("tta_shift", 0), model.config.img_size)
     model.to(device)
     images, labels = load_split(config, train=False)
     pad_to = padding_for(images, config["model_config"]["img_size"])

@@ -1240,6 +1240,37 @@ def test_a_run_folder_name_that_is_not_text_prints_on_a_strict_utf8_stdout(data_
     assert os.path.isfile(os.path.join(out, "final.json")) and os.path.isfile(os.path.join(out, "eval-checkpoint.json"))
 
 
+@pytest.mark.parametrize("kind", ["folder", "broken link"])
+def test_a_checkpoint_that_is_a_folder_or_a_broken_link_is_named_on_resume(trained_run, tmp_path, capsys, kind):
+    out = copy_run(trained_run, tmp_path)
+    os.remove(out / "checkpoint.pt")
+    if kind == "folder":
+        os.mkdir(out / "checkpoint.pt")
+    else:
+        os.symlink(tmp_path / "gone.pt", out / "checkpoint.pt")
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    what = "a folder" if kind == "folder" else f"a broken link (to {tmp_path / 'gone.pt'})"
+    assert code == 2 and captured.err == (f"error: {out / 'checkpoint.pt'} is {what}, not a checkpoint, so the run "
+                                          f"cannot continue from it; put the run's checkpoint file there, or start "
+                                          f"a new run in another --out-dir\n"), captured.err
+
+
+def test_a_test_time_shift_as_large_as_the_image_is_refused(data_dir, trained_run, tmp_path, capsys):
+    # 16-px images (TINY): a shift of 16 leaves 8 of the 10 views blank
+    message = "--tta-shift 16 moves the 16-px images out of view; give less than 16"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(tmp_path / "new"), "--tta-shift", "16"],
+                              capsys)
+    assert code == 2 and message in captured.err and not (tmp_path / "new").exists()
+    out = copy_run(trained_run, tmp_path)
+    for args in (["--resume", "--out-dir", str(out), "--epochs", "2"],
+                 ["--eval-only", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", data_dir]):
+        code, captured = run_main(args + ["--tta-shift", "16"], capsys)
+        assert code == 2 and message in captured.err, captured.err
+    code, captured = run_main(["--eval-only", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", data_dir,
+                               "--tta-shift", "15"], capsys)
+    assert code == 0, captured.err
+
+
 def test_a_resumed_run_whose_loss_turns_non_finite_is_not_advised_flags_resume_ignores(trained_run, tmp_path,
                                                                                       capsys, monkeypatch):
     out = copy_run(trained_run, tmp_path)
