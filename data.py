@@ -576,8 +576,34 @@ def _rgb(image):
 
 
 def _subfolders(folder):
-    # hidden folders (our .vil-cache among them) are not classes
-    return sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+    """The class folders in folder, sorted. Hidden folders (our .vil-cache among them) are not classes; a link
+    to a folder that is gone would drop its class without a word, so it is refused."""
+    names = sorted(d for d in os.listdir(folder) if not d.startswith("."))
+    paths = {d: os.path.join(folder, d) for d in names}
+    broken = [d for d in names if os.path.islink(paths[d]) and not os.path.exists(paths[d])]
+    if broken:
+        raise DataError(f"{folder}: the class folder link(s) {', '.join(broken)} lead nowhere (a folder moved or "
+                        f"deleted?); fix or remove them: each would drop its class from the dataset")
+    return [d for d in names if os.path.isdir(paths[d])]
+
+
+def _cannot_list(error):
+    raise DataError(f"{error.filename}: cannot list this folder ({error.strerror})")
+
+
+def _image_files(class_dir):
+    """The images in class_dir and in its subfolders, at any depth (as torchvision's ImageFolder finds them),
+    sorted by path. Hidden files and folders are skipped (macOS leaves a ._x.jpg of metadata beside each x.jpg
+    it copies to some disks); a folder reached twice through links is read once."""
+    files, seen = [], set()
+    for top, folders, names in os.walk(class_dir, onerror=_cannot_list, followlinks=True):
+        if os.path.realpath(top) in seen:  # a link back to a folder above it, or a second link to one
+            folders.clear()
+            continue
+        seen.add(os.path.realpath(top))
+        folders[:] = [d for d in folders if not d.startswith(".")]
+        files += [os.path.join(top, f) for f in names if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(files)
 
 
 def _class_names(train_folder):
@@ -613,8 +639,7 @@ def load_image_folder(folder, image_size=32, classes=None):
     for label, cls in enumerate(classes):
         class_dir = os.path.join(folder, cls)
         if os.path.isdir(class_dir):
-            files += [(os.path.join(class_dir, f), label) for f in sorted(os.listdir(class_dir))
-                      if f.lower().endswith(IMAGE_SUFFIXES)]
+            files += [(path, label) for path in _image_files(class_dir)]
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
     listing = [(os.path.relpath(p, folder), _image_identity(p), y) for p, y in files]

@@ -612,8 +612,7 @@ def test_image_folder_names_the_file_it_cannot_decode(tmp_path, image):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
 
 
-@pytest.mark.parametrize("entry, what", [("named pipe", "not a regular file"), ("broken link", "a broken link"),
-                                         ("folder", "a folder")])
+@pytest.mark.parametrize("entry, what", [("named pipe", "not a regular file"), ("broken link", "a broken link")])
 def test_an_image_folder_entry_that_is_no_file_is_named_not_waited_on(tmp_path, monkeypatch, entry, what):
     os.makedirs(tmp_path / "train" / "cat")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "good.png")
@@ -621,12 +620,41 @@ def test_an_image_folder_entry_that_is_no_file_is_named_not_waited_on(tmp_path, 
     if entry == "named pipe":
         os.mkfifo(path)  # Image.open would wait for a writer forever: the test fails instead of hanging
         monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("opened a named pipe"))
-    elif entry == "broken link":
-        os.symlink(tmp_path / "gone.png", path)
     else:
-        os.mkdir(path)
+        os.symlink(tmp_path / "gone.png", path)
     with pytest.raises(data.DataError, match=f"{path}: {what}, not an image; remove it"):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
+
+
+def test_images_in_subfolders_of_a_class_folder_are_read_and_hidden_files_and_folders_are_not(tmp_path):
+    def image(path, value):
+        os.makedirs(path.parent, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+    cat = tmp_path / "train" / "cat"
+    image(cat / "a.png", 1)
+    image(cat / "2019" / "b.png", 2)  # images in subfolders at any depth belong to the class, as in ImageFolder
+    image(cat / "2019" / "x.jpg" / "c.png", 3)  # a folder named like an image is a subfolder too
+    image(tmp_path / "train" / "dog" / "d.png", 4)
+    (cat / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # AppleDouble: undecodable, skipped
+    image(cat / ".thumbnails" / "e.png", 5)  # a hidden folder is skipped, as a hidden class folder is
+    os.symlink(cat, cat / "2019" / "loop")  # a link back up: read once, not forever
+    images, labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    # in the order of their paths: cat/2019/b.png, cat/2019/x.jpg/c.png, cat/a.png, dog/d.png
+    assert images[:, 0, 0, 0].tolist() == [2, 3, 1, 4] and labels.tolist() == [0, 0, 0, 1]
+
+
+def test_a_class_folder_that_is_a_link_to_nothing_is_refused(tmp_path):
+    # it would drop its class: the model would be built for one class fewer, or its test images go unscored
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / split / cls)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / cls / "0.png")
+    os.symlink(tmp_path / "moved", tmp_path / "test" / "eel")
+    with pytest.raises(data.DataError, match=r"test: the class folder link\(s\) eel lead nowhere"):
+        data.load_dataset("folder", tmp_path, train=False, image_size=8)
+    os.symlink(tmp_path / "moved", tmp_path / "train" / "eel")
+    with pytest.raises(data.DataError, match=r"train: the class folder link\(s\) eel lead nowhere"):
+        data.folder_classes(tmp_path)
 
 
 def test_an_image_folder_cache_that_holds_other_images_is_decoded_again(tmp_path, capsys):
