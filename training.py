@@ -635,11 +635,11 @@ def checkpoint_point(epoch, step, steps_per_epoch=None):
     return f"epoch {epoch + 1}, step {step}" + (f" of {steps_per_epoch}" if steps_per_epoch else "")
 
 
-def saved_config(checkpoint, path, needed, given=()):
+def saved_config(checkpoint, path, needed, given=(), optional=()):
     """The configuration saved in a checkpoint; a UserError naming the file when it lacks a key
     of `needed` (a checkpoint of another version of training.py, or an edited one), or holds a value
-    of `needed` that its flag refuses (the settings `given` on the command line, which replace the saved
-    ones, aside)."""
+    of `needed`, or of `optional` where saved, that its flag refuses (the settings `given` on the command
+    line, which replace the saved ones, aside)."""
     config = checkpoint["config"]
     missing = sorted(key for key in needed if key not in config) if isinstance(config, dict) else ["all"]
     if missing:
@@ -647,7 +647,7 @@ def saved_config(checkpoint, path, needed, given=()):
                         f"version of training.py?); this version cannot use that checkpoint")
     config = canonical_names(dict(config))
     try:
-        check_config({key: config[key] for key in needed if key not in given})
+        check_config({key: config[key] for key in (*needed, *optional) if key in config and key not in given})
         check_saved_dataset(config)
     except UserError as error:
         raise UserError(f"the configuration saved in {path} is not one this version can use (edited by hand?): "
@@ -710,7 +710,8 @@ def resolve_run(config, given, resume):
     # the run is missing too, and takes the value that trains as the run did (where saved, it is checked)
     saved_keys = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
     newer_missing = set(NEWER_SETTINGS) - set(saved_keys)
-    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - newer_missing)
+    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - newer_missing, given,
+                         optional=RESUME_OVERRIDABLE)
     for key, value in NEWER_SETTINGS.items():
         saved.setdefault(key, value)
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)

@@ -140,7 +140,23 @@ def load_checkpoint(path):
         needs = ", ".join(f"{key} ({kind.__name__})" for key, kind in required.items()) + " of 0 or more"
         raise UserError(f"{path} is not a vision-lstm checkpoint: it needs a {needs}, and lacks one or holds "
                         f"another kind of value")
+    ema = checkpoint.get("ema")
+    for kind, weights in (("weight", checkpoint["model"]), ("EMA weight", isinstance(ema, dict) and ema.get("shadow"))):
+        name = first_non_finite(weights) if isinstance(weights, dict) else None
+        if name is not None:
+            # training.py stops a run whose weights diverge before it saves them
+            raise UserError(f"{path} holds a non-finite (nan or inf) {kind}, {name}; training.py never saves such "
+                            f"weights, so the file was changed after it was saved: use another checkpoint of the run "
+                            f"(its best.pt, where it has one)")
     return checkpoint
+
+
+def first_non_finite(weights):
+    """The name of the first floating-point tensor in weights (a state dict) that holds a nan or inf, or None."""
+    for name, value in weights.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 def _damaged_record(path):

@@ -1706,6 +1706,39 @@ def test_a_checkpoint_whose_saved_configuration_was_edited_is_refused_by_name(tr
     assert path.read_bytes() == before  # refused before anything was written
 
 
+@pytest.mark.parametrize("weights", ["model", "ema"])
+def test_a_checkpoint_with_non_finite_weights_is_refused_by_name(data_dir, tmp_path, capsys, weights):
+    # evaluated, it reported "loss nan" and exited 0, as did a resume with no epochs left
+    out = one_epoch_run(data_dir, tmp_path / "run", "--ema", "0.5")
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint["model"] if weights == "model" else checkpoint["ema"]["shadow"]
+    name = sorted(state)[-1]
+    state[name].view(-1)[-1] = float("inf")
+    torch.save(checkpoint, path)
+    before = path.read_bytes()
+    for args in (["--eval-only", "--checkpoint", str(path)], ["--resume", "--out-dir", str(out)],
+                 ["--resume", "--out-dir", str(out), "--epochs", "2"]):
+        code, captured = run_main(args, capsys)
+        assert code == 2 and f"{path} holds a non-finite (nan or inf)" in captured.err and name in captured.err
+    assert not (out / "eval-checkpoint.json").exists() and path.read_bytes() == before
+
+
+def test_a_saved_data_dir_its_flag_refuses_is_named_as_the_checkpoint_s_unless_given(trained_run, data_dir, tmp_path,
+                                                                                      capsys):
+    # a setting the command line may replace was not checked where the run took it from the checkpoint
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["config"]["data_dir"] = None
+    torch.save(checkpoint, path)
+    for args in (["--resume", "--out-dir", str(out)], ["--eval-only", "--checkpoint", str(path)]):
+        code, captured = run_main(args, capsys)
+        assert code == 2 and f"the configuration saved in {path}" in captured.err and "--data-dir" in captured.err
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", data_dir], capsys)
+    assert code == 0 and "test accuracy" in captured.out
+
+
 @pytest.mark.parametrize("key, value", [("low_res", 2.0), ("time_budget", -1.0)])
 def test_a_resume_refuses_an_edited_setting_that_older_runs_lack(trained_run, tmp_path, capsys, key, value):
     # settings newer than some saved runs may be missing (test above), but where saved they are checked
