@@ -665,6 +665,9 @@ def load_image_folder(folder, image_size=32, classes=None):
             with Image.open(path) as im:
                 images[i] = np.asarray(_rgb(im).resize((image_size, image_size), Image.BICUBIC))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, OSError) and e.errno is not None:  # the file system's refusal (Pillow's own have none)
+                raise DataError(f"{path}: cannot read this file ({e.strerror}); make it readable, or remove it") \
+                    from None
             # Pillow refuses images of more than 2 * Image.MAX_IMAGE_PIXELS (179M) pixels as decompression bombs
             raise DataError(f"{path}: cannot decode this image ({e}); remove or replace it.") from None
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, S, S, 3) -> (N, 3, S, S)

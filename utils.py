@@ -125,6 +125,8 @@ def load_checkpoint(path):
         # weights_only: a checkpoint is plain tensors, numbers and strings; never unpickle code
         checkpoint = torch.load(path, map_location="cpu", weights_only=True) if damaged is None else None
     except Exception as error:
+        if isinstance(error, OSError) and error.errno is not None:  # the file system's refusal, not the file's bytes
+            raise UserError(f"cannot read checkpoint {path} ({error.strerror}); make it readable, or use a copy of it")
         # torch's text for a file that is not plain tensors suggests weights_only=False, which would run any code
         # the file holds: the type alone
         detail = "" if isinstance(error, pickle.UnpicklingError) else f": {error_text(error)}"

@@ -1,6 +1,7 @@
 """Tests of data.py: parsers, verification, downloads (against a local server only), the image folder,
 and the properties of the on-device batch pipeline."""
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -609,6 +610,22 @@ def test_image_folder_names_the_file_it_cannot_decode(tmp_path, image):
               "cut.jpg": jpeg.getvalue()[:40], "empty.webp": b""}
     (tmp_path / "train" / "cat" / image).write_bytes(broken[image])
     with pytest.raises(data.DataError, match=f"{tmp_path / 'train' / 'cat' / image}: cannot decode this image"):
+        data.load_dataset("folder", tmp_path, train=True, image_size=8)
+
+
+def test_an_image_the_system_will_not_let_us_read_is_named_as_unreadable_not_undecodable(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "train" / "cat")
+    for name in ("good.png", "locked.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / name)
+    locked, open_image = tmp_path / "train" / "cat" / "locked.png", Image.open
+
+    def refusing(path, *args, **kwargs):  # another user's file of mode 600 (root reads any file)
+        if str(path) == str(locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open_image(path, *args, **kwargs)
+    monkeypatch.setattr(Image, "open", refusing)
+    with pytest.raises(data.DataError, match=f"{locked}: cannot read this file \\(Permission denied\\); make it "
+                                             f"readable, or remove it"):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
 
 

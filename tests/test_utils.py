@@ -1,6 +1,7 @@
 """Properties of the small helpers: the learning-rate schedule, the weight EMA, atomic files, the allocator
 setting."""
 import argparse
+import errno
 import os
 import stat
 import subprocess
@@ -260,6 +261,31 @@ def test_a_checkpoint_with_damaged_bytes_is_refused_and_a_folder_named(tmp_path)
         save_checkpoint({"model": {}, "config": {}, "epoch": 1, **edit}, path)
         with pytest.raises(UserError, match=r"needs a model \(dict\), config \(dict\), epoch \(int\) of 0 or more"):
             load_checkpoint(str(path))
+
+
+def test_a_checkpoint_the_system_will_not_let_us_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"model": {}, "config": {}, "epoch": 1}, path)
+
+    def refused(file, *args, **kwargs):  # what a file of another user's, mode 600, gives (root reads any file)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+    monkeypatch.setattr(torch, "load", refused)
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*checkpoint.pt \(Permission denied\); make it "
+                                        r"readable") as caught:
+        load_checkpoint(str(path))
+    assert "corrupt" not in str(caught.value)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_first(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    weights = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")]), "steps": torch.tensor(7)}
+    for checkpoint, named in (({"model": weights}, "weight, b"),
+                              ({"model": {}, "ema": {"shadow": weights}}, "EMA weight, b")):
+        save_checkpoint({"config": {}, "epoch": 1, **checkpoint}, path)
+        with pytest.raises(UserError, match=f"holds a non-finite \\(nan or inf\\) {named};"):
+            load_checkpoint(str(path))
+    save_checkpoint({"model": {"a": torch.zeros(3)}, "ema": None, "config": {}, "epoch": 1}, path)
+    assert torch.equal(load_checkpoint(str(path))["model"]["a"], torch.zeros(3))
 
 
 def test_a_file_that_is_not_plain_tensors_is_refused_without_advice_to_unpickle_it(tmp_path):
