@@ -573,14 +573,13 @@ class RunFolder:
     def release(self):
         if self._lock is None:
             return
-        # a folder this run named and saved nothing in goes again, and runs/ with it when nothing else is
-        # there, so that failed starts leave no empty folders behind; any other lock file stays (removed,
-        # two runs could lock two files of one name)
+        # a folder this run named and saved nothing in goes again, so that failed starts leave no
+        # empty folders in runs/; any other lock file stays (removed, two runs could lock two files
+        # of one name)
         if self._named and os.listdir(self.out_dir) == [".lock"]:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(self.out_dir, ".lock"))
                 os.rmdir(self.out_dir)
-                os.rmdir(os.path.dirname(self.out_dir))  # fails where another run's folder is
         self._lock.close()  # which releases the lock
         self._lock = None
 
