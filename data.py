@@ -577,33 +577,41 @@ def _rgb(image):
 
 def _subfolders(folder):
     """The class folders in folder, sorted. Hidden folders (our .vil-cache among them) are not classes; a link
-    to a folder that is gone would drop its class without a word, so it is refused."""
+    to nothing is refused: a class folder moved or deleted would drop its class without a word."""
     names = sorted(d for d in os.listdir(folder) if not d.startswith("."))
-    paths = {d: os.path.join(folder, d) for d in names}
-    broken = [d for d in names if os.path.islink(paths[d]) and not os.path.exists(paths[d])]
-    if broken:
-        raise DataError(f"{folder}: the class folder link(s) {', '.join(broken)} lead nowhere (a folder moved or "
-                        f"deleted?); fix or remove them: each would drop its class from the dataset")
-    return [d for d in names if os.path.isdir(paths[d])]
+    for name in names:
+        _refuse_broken_link(os.path.join(folder, name))
+    return [d for d in names if os.path.isdir(os.path.join(folder, d))]
+
+
+def _refuse_broken_link(path):
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DataError(f"{path}: a link to nothing ({os.readlink(path)}: a folder or file moved or deleted?); "
+                        f"fix or remove it")
 
 
 def _cannot_list(error):
-    raise DataError(f"{error.filename}: cannot list this folder ({error.strerror})")
+    raise DataError(f"{error.filename}: cannot list this folder ({error.strerror}); make it readable, or remove it")
 
 
 def _image_files(class_dir):
-    """The images in class_dir and in its subfolders, at any depth (as torchvision's ImageFolder finds them),
-    sorted by path. Hidden files and folders are skipped (macOS leaves a ._x.jpg of metadata beside each x.jpg
-    it copies to some disks); a folder reached twice through links is read once."""
-    files, seen = [], set()
+    """The images in class_dir and in its subfolders at any depth, in torchvision ImageFolder's order (by
+    folder, then by name). Hidden files and folders are skipped (macOS leaves a ._x.jpg of metadata beside
+    each x.jpg it copies to some disks); a folder reached twice through links is read once, by its first path
+    in that order; a link to nothing is refused, as a class folder's is."""
+    found, seen = [], set()
     for top, folders, names in os.walk(class_dir, onerror=_cannot_list, followlinks=True):
         if os.path.realpath(top) in seen:  # a link back to a folder above it, or a second link to one
             folders.clear()
             continue
         seen.add(os.path.realpath(top))
-        folders[:] = [d for d in folders if not d.startswith(".")]
-        files += [os.path.join(top, f) for f in names if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
-    return sorted(files)
+        folders[:] = sorted(d for d in folders if not d.startswith("."))  # walked in order: the same on any disk
+        for name in names:
+            if not name.startswith("."):
+                _refuse_broken_link(os.path.join(top, name))
+                if name.lower().endswith(IMAGE_SUFFIXES):
+                    found.append((top, name))
+    return [os.path.join(top, name) for top, name in sorted(found)]
 
 
 def _class_names(train_folder):
@@ -796,10 +804,10 @@ def _image_identity(path):
     would wait forever on a named pipe, and a broken link holds nothing."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:  # listed, so a link to nothing
-        st = None
-    if st is None or not stat.S_ISREG(st.st_mode):
-        what = "a broken link" if st is None else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+    except FileNotFoundError:  # listed a moment ago
+        raise DataError(f"{path}: gone while the dataset was read (moved or deleted?); run again") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise DataError(f"{path}: {what}, not an image; remove it or replace it with the image")
     return _identity(path, st)
 

@@ -638,20 +638,25 @@ def checkpoint_point(epoch, step, steps_per_epoch=None):
 def saved_config(checkpoint, path, needed, given=(), optional=()):
     """The configuration saved in a checkpoint; a UserError naming the file when it lacks a key
     of `needed` (a checkpoint of another version of training.py, or an edited one), or holds a value
-    of `needed`, or of `optional` where saved, that its flag refuses (the settings `given` on the command
-    line, which replace the saved ones, aside)."""
+    of `needed` or, where saved, of `optional` (those the command line may replace) that its flag refuses
+    (the settings `given` on the command line, which replace the saved ones, aside)."""
     config = checkpoint["config"]
     missing = sorted(key for key in needed if key not in config) if isinstance(config, dict) else ["all"]
     if missing:
         raise UserError(f"the configuration saved in {path} lacks {', '.join(missing)} (written by another "
                         f"version of training.py?); this version cannot use that checkpoint")
     config = canonical_names(dict(config))
+    replace = ""  # how to replace the value refused, where the command line may
     try:
-        check_config({key: config[key] for key in (*needed, *optional) if key in config and key not in given})
+        check_config({key: config[key] for key in needed if key not in given and key not in optional})
         check_saved_dataset(config)
+        for key in optional:
+            if key in config and key not in given:
+                replace = f"; give {flag_name(key)} to replace it"
+                check_config({key: config[key]})
     except UserError as error:
         raise UserError(f"the configuration saved in {path} is not one this version can use (edited by hand?): "
-                        f"{error}")
+                        f"{error}{replace}")
     return config
 
 
@@ -710,8 +715,8 @@ def resolve_run(config, given, resume):
     # the run is missing too, and takes the value that trains as the run did (where saved, it is checked)
     saved_keys = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
     newer_missing = set(NEWER_SETTINGS) - set(saved_keys)
-    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - newer_missing, given,
-                         optional=RESUME_OVERRIDABLE)
+    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - newer_missing,
+                         [key for key in RESUME_OVERRIDABLE if key in given], optional=RESUME_OVERRIDABLE)
     for key, value in NEWER_SETTINGS.items():
         saved.setdefault(key, value)
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
@@ -1109,8 +1114,9 @@ def check_training_split(checkpoint, path, train_size, source_size, steps_per_ep
     if changed:
         was = f" on {saved} images" if saved is not None else ""
         raise UserError(f"{path} was saved at {point} of a run{was}, but the training split now has {train_size} "
-                        f"images, {counted(steps_per_epoch, 'step')} an epoch: the run cannot go on as it trained; "
-                        f"point --data-dir at the data it trained on, or start a new run")
+                        f"images, {counted(steps_per_epoch, 'step')} an epoch (an image folder that gained or lost "
+                        f"images, or has some in subfolders of its class folders, read since 2026-12-04): the run "
+                        f"cannot go on as it trained; point --data-dir at the data it trained on, or start a new run")
 
 
 def training_state(model, config, device, dtype):
@@ -1647,7 +1653,8 @@ def evaluate_checkpoint(path, given):
     if not path:
         raise UserError("--eval-only needs --checkpoint PATH (a checkpoint.pt or best.pt of a run)")
     checkpoint = load_checkpoint(path)
-    config = saved_config(checkpoint, path, EVAL_KEYS, [key for key in EVAL_OVERRIDABLE if key in given])
+    config = saved_config(checkpoint, path, EVAL_KEYS, [key for key in EVAL_OVERRIDABLE if key in given],
+                          optional=EVAL_OVERRIDABLE)
     ignored = sorted(key for key in given if key not in EVAL_OVERRIDABLE and config.get(key) != given[key])
     if ignored:
         print(f"note: --eval-only uses the checkpoint's saved configuration; ignoring "

@@ -148,15 +148,15 @@ def load_checkpoint(path):
         if name is not None:
             # training.py stops a run whose weights diverge before it saves them
             raise UserError(f"{path} holds a non-finite (nan or inf) {kind}, {name}; training.py never saves such "
-                            f"weights, so the file was changed after it was saved: use another checkpoint of the run "
-                            f"(its best.pt, where it has one)")
+                            f"weights, so the file was changed after it was saved: use another copy of it")
     return checkpoint
 
 
 def first_non_finite(weights):
     """The name of the first floating-point tensor in weights (a state dict) that holds a nan or inf, or None."""
     for name, value in weights.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        # as float32: isfinite has no kernel for the float8 types
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value.float()).all()):
             return name
     return None
 

@@ -1734,9 +1734,22 @@ def test_a_saved_data_dir_its_flag_refuses_is_named_as_the_checkpoint_s_unless_g
     torch.save(checkpoint, path)
     for args in (["--resume", "--out-dir", str(out)], ["--eval-only", "--checkpoint", str(path)]):
         code, captured = run_main(args, capsys)
-        assert code == 2 and f"the configuration saved in {path}" in captured.err and "--data-dir" in captured.err
+        assert code == 2 and f"the configuration saved in {path}" in captured.err
+        assert "--data-dir must be a str, got None; give --data-dir to replace it" in captured.err
     code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", data_dir], capsys)
     assert code == 0 and "test accuracy" in captured.out
+
+
+def test_a_refused_saved_setting_is_the_checkpoint_s_even_where_its_flag_is_given_and_ignored(trained_run, tmp_path,
+                                                                                              capsys):
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["config"]["batch_size"] = 0
+    torch.save(checkpoint, path)
+    # --resume keeps the run's batch size: the flag given is ignored, and the saved value is the one refused
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2", "--batch-size", "16"], capsys)
+    assert code == 2 and f"the configuration saved in {path}" in captured.err and "--batch-size" in captured.err
 
 
 @pytest.mark.parametrize("key, value", [("low_res", 2.0), ("time_budget", -1.0)])
