@@ -431,7 +431,9 @@ def data_folder_error(data_dir, error):
         return UserError(f"cannot use the data folder {data_dir} (it is a file, not a folder); point --data-dir "
                          f"at a folder")
     where = f": {error.filename}" if error.filename else ""
-    return UserError(f"cannot use the data folder {data_dir} ({error.strerror or error}{where})")
+    advice = "make it readable" if isinstance(error, PermissionError) else "fix that"
+    return UserError(f"cannot use the data folder {data_dir} ({error.strerror or error}{where}); {advice}, or point "
+                     f"--data-dir at another copy of the data")
 
 
 def padding_for(images, img_size):

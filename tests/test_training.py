@@ -1,6 +1,7 @@
 """training.py as a user meets it: run folders, exact resume, interruption, NaN stops, clear errors,
 evaluation of saved checkpoints and DistributedDataParallel on CPU. Runs use a tiny image-folder
 dataset written by the tests and a tiny model, so each takes seconds."""
+import errno
 import json
 import math
 import os
@@ -1738,6 +1739,21 @@ def test_a_saved_data_dir_its_flag_refuses_is_named_as_the_checkpoint_s_unless_g
         assert "--data-dir must be a str, got None; give --data-dir to replace it" in captured.err
     code, captured = run_main(["--resume", "--out-dir", str(out), "--data-dir", data_dir], capsys)
     assert code == 0 and "test accuracy" in captured.out
+
+
+@pytest.mark.parametrize("error, advice", [(PermissionError(errno.EACCES, "Permission denied", "x/train"),
+                                             "(Permission denied: x/train); make it readable, or point --data-dir"),
+                                            (OSError(errno.ENOSPC, "No space left on device"),
+                                             "(No space left on device); fix that, or point --data-dir")])
+def test_a_data_folder_the_system_refuses_is_named_with_what_to_do(data_dir, tmp_path, capsys, monkeypatch, error,
+                                                                   advice):
+    # another user's folder of mode 700, or a full disk while files are fetched (root reads any folder)
+    def refused(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(training, "load_dataset", refused)
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--epochs", "1", "--out-dir", str(tmp_path / "run")],
+                              capsys)
+    assert code == 2 and f"error: cannot use the data folder {data_dir} {advice}" in captured.err
 
 
 def test_a_refused_saved_setting_is_the_checkpoint_s_even_where_its_flag_is_given_and_ignored(trained_run, tmp_path,
