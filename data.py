@@ -585,9 +585,17 @@ def _subfolders(folder):
 
 
 def _refuse_broken_link(path):
-    if os.path.islink(path) and not os.path.exists(path):
+    """Refuse a link whose target cannot be reached: gone, a loop of links, or behind a folder we may not enter."""
+    if not os.path.islink(path):
+        return
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         raise DataError(f"{path}: a link to nothing ({os.readlink(path)}: a folder or file moved or deleted?); "
-                        f"fix or remove it")
+                        f"fix or remove it") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot follow this link ({error.strerror}); make its target readable, or remove "
+                        f"it") from None
 
 
 def _cannot_list(error):
@@ -597,8 +605,8 @@ def _cannot_list(error):
 def _image_files(class_dir):
     """The images in class_dir and in its subfolders at any depth, in torchvision ImageFolder's order (by
     folder, then by name). Hidden files and folders are skipped (macOS leaves a ._x.jpg of metadata beside
-    each x.jpg it copies to some disks); a folder reached twice through links is read once, by its first path
-    in that order; a link to nothing is refused, as a class folder's is."""
+    each x.jpg it copies to some disks); a folder reached twice through links is read once, by the path the
+    walk meets first (ImageFolder reads it twice); a link to nothing is refused, as a class folder's is."""
     found, seen = [], set()
     for top, folders, names in os.walk(class_dir, onerror=_cannot_list, followlinks=True):
         if os.path.realpath(top) in seen:  # a link back to a folder above it, or a second link to one

@@ -662,6 +662,18 @@ def saved_config(checkpoint, path, needed, given=(), optional=()):
     return config
 
 
+@contextlib.contextmanager
+def saved_value(key, from_checkpoint):
+    """A UserError about the setting `key` inside says, where its value was the checkpoint's, that it was and which
+    flag replaces it (a run's saved --device or --amp on a machine that cannot run them)."""
+    try:
+        yield
+    except UserError as error:
+        if not from_checkpoint:
+            raise
+        raise UserError(f"{error} (the value saved with the run; give {flag_name(key)} to replace it)") from None
+
+
 def check_saved_dataset(config):
     """Refuse a saved configuration whose dataset is not the one its model, classes and normalisation were
     made for (a dataset changed by hand: the model would meet images of another shape)."""
@@ -717,7 +729,8 @@ def resolve_run(config, given, resume):
     # the run is missing too, and takes the value that trains as the run did (where saved, it is checked)
     saved_keys = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
     newer_missing = set(NEWER_SETTINGS) - set(saved_keys)
-    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - newer_missing,
+    # the folder is the command line's: the saved out_dir is not read
+    saved = saved_config(checkpoint, path, set(DEFAULTS) - set(RESUME_OVERRIDABLE) - newer_missing - {"out_dir"},
                          [key for key in RESUME_OVERRIDABLE if key in given], optional=RESUME_OVERRIDABLE)
     for key, value in NEWER_SETTINGS.items():
         saved.setdefault(key, value)
@@ -1028,12 +1041,15 @@ def setup_run(config, given, resume, folder):
     if checkpoint is not None:
         folder.saved = checkpoint_point(checkpoint["epoch"], checkpoint["step"], checkpoint.get("steps_per_epoch"))
     check_config(config)  # a resumed run's settings from its command line, and the saved ones saved_config left
-    rank, world_size, device = setup_distributed(resolve_device(config["device"]))
+    with saved_value("device", resume and "device" not in given):  # a run moved to a machine without its device
+        device_name = resolve_device(config["device"])
+    rank, world_size, device = setup_distributed(device_name)
     if world_size > 1:  # the folder process 0 holds, which it may have named
         shared = [folder.out_dir]
         dist.broadcast_object_list(shared, src=0)
         folder.out_dir = config["out_dir"] = shared[0]
-    dtype = autocast_dtype(config["amp"], device)
+    with saved_value("amp", resume and "amp" not in given):
+        dtype = autocast_dtype(config["amp"], device)
     allow_tf32(device)
     if config["batch_size"] % world_size:
         raise UserError(f"--batch-size {config['batch_size']} must divide evenly over "
@@ -1655,8 +1671,9 @@ def evaluate_checkpoint(path, given):
     if not path:
         raise UserError("--eval-only needs --checkpoint PATH (a checkpoint.pt or best.pt of a run)")
     checkpoint = load_checkpoint(path)
+    # the saved device is not read: the command line's, or the best this machine has
     config = saved_config(checkpoint, path, EVAL_KEYS, [key for key in EVAL_OVERRIDABLE if key in given],
-                          optional=EVAL_OVERRIDABLE)
+                          optional=[key for key in EVAL_OVERRIDABLE if key != "device"])
     ignored = sorted(key for key in given if key not in EVAL_OVERRIDABLE and config.get(key) != given[key])
     if ignored:
         print(f"note: --eval-only uses the checkpoint's saved configuration; ignoring "
@@ -1665,7 +1682,8 @@ def evaluate_checkpoint(path, given):
         if key in given:
             config[key] = given[key]
     device = torch.device(resolve_device(given.get("device")))
-    dtype = autocast_dtype(config["amp"], device)
+    with saved_value("amp", "amp" not in given):
+        dtype = autocast_dtype(config["amp"], device)
     allow_tf32(device)
     try:
         model = VisionLSTM(ViLConfig(**config["model_config"]))

@@ -155,9 +155,10 @@ def load_checkpoint(path):
 def first_non_finite(weights):
     """The name of the first floating-point tensor in weights (a state dict) that holds a nan or inf, or None."""
     for name, value in weights.items():
-        # as float32: isfinite has no kernel for the float8 types
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value.float()).all()):
-            return name
+        if torch.is_tensor(value) and value.is_floating_point():
+            value = value.float() if value.element_size() == 1 else value  # isfinite has no float8 kernel
+            if not bool(torch.isfinite(value).all()):
+                return name
     return None
 
 

@@ -647,14 +647,16 @@ def test_images_in_subfolders_of_a_class_folder_are_read_and_hidden_files_and_fo
     image(cat / "z.png", 1)
     image(cat / "2019" / "b.png", 2)  # images in subfolders at any depth belong to the class, as in ImageFolder
     image(cat / "2019" / "x.jpg" / "c.png", 3)  # a folder named like an image is a subfolder too
+    image(cat / "2019-b" / "f.png", 6)  # "-" sorts before "/": this folder comes before 2019/x.jpg, not after 2019/
     image(tmp_path / "train" / "dog" / "d.png", 4)
     (cat / "._z.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # AppleDouble: undecodable, skipped
     image(cat / ".thumbnails" / "e.png", 5)  # a hidden folder is skipped, as a hidden class folder is
     os.symlink(cat, cat / "2019" / "loop")  # a link back up: read once, not forever
     os.symlink(cat / "2019" / "x.jpg", cat / "2019" / "y")  # a second path to one folder: its images once
     images, labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
-    # ImageFolder's order, by folder, then by name: cat/z.png, cat/2019/b.png, cat/2019/x.jpg/c.png, dog/d.png
-    assert images[:, 0, 0, 0].tolist() == [1, 2, 3, 4] and labels.tolist() == [0, 0, 0, 1]
+    # ImageFolder's order, by folder, then by name: cat/z.png, cat/2019/b.png, cat/2019-b/f.png, cat/2019/x.jpg/c.png,
+    # dog/d.png (not a walk's depth-first order, which would read 2019-b after all of 2019)
+    assert images[:, 0, 0, 0].tolist() == [1, 2, 6, 3, 4] and labels.tolist() == [0, 0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("link", ["test/eel", "train/eel", "train/cat/2020", "train/cat/x.png"])
@@ -669,6 +671,19 @@ def test_a_link_to_nothing_in_an_image_folder_is_refused(tmp_path, link):
     with pytest.raises(data.DataError, match=f"{tmp_path / link}: a link to nothing \\({tmp_path / 'moved'}: a "
                                              f"folder or file moved or deleted\\?\\); fix or remove it"):
         data.load_dataset("folder", tmp_path, train=link.startswith("train"), image_size=8)
+
+
+@pytest.mark.parametrize("link", ["train/eel", "train/cat/2020"])
+def test_a_link_that_cannot_be_followed_is_named_as_such(tmp_path, link):
+    # a loop of links here; a link into another user's folder of mode 700 fails the same way, where the
+    # target exists: not "a link to nothing"
+    for cls in ("cat", "dog"):
+        os.makedirs(tmp_path / "train" / cls)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / cls / "0.png")
+    os.symlink(tmp_path / link, tmp_path / link)
+    with pytest.raises(data.DataError, match=f"{tmp_path / link}: cannot follow this link \\(Too many levels of "
+                                             f"symbolic links\\); make its target readable, or remove it"):
+        data.load_dataset("folder", tmp_path, train=True, image_size=8)
 
 
 def test_an_image_folder_cache_that_holds_other_images_is_decoded_again(tmp_path, capsys):

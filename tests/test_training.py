@@ -1766,6 +1766,28 @@ def test_a_refused_saved_setting_is_the_checkpoint_s_even_where_its_flag_is_give
     # --resume keeps the run's batch size: the flag given is ignored, and the saved value is the one refused
     code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2", "--batch-size", "16"], capsys)
     assert code == 2 and f"the configuration saved in {path}" in captured.err and "--batch-size" in captured.err
+    assert "to replace it" not in captured.err  # the command line cannot
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_saved_device_or_amp_this_machine_cannot_run_is_named_as_the_run_s(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # a run trained on a GPU under fp16; its out_dir and device are never read where the command line gives them
+    checkpoint["config"].update(device="cuda", amp="fp16", out_dir=5)
+    torch.save(checkpoint, path)
+    for args, flag in ((["--resume", "--out-dir", str(out)], "--device"),
+                       (["--resume", "--out-dir", str(out), "--device", "cpu"], "--amp"),
+                       (["--eval-only", "--checkpoint", str(path)], "--amp")):
+        code, captured = run_main(args, capsys)
+        assert code == 2 and f"(the value saved with the run; give {flag} to replace it)" in captured.err
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--device", "cpu", "--amp", "off"], capsys)
+    assert code == 0, captured.err
+    checkpoint["config"]["device"] = ""  # --eval-only uses the command line's device, or this machine's best
+    torch.save(checkpoint, path)
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path), "--amp", "off"], capsys)
+    assert code == 0, captured.err
 
 
 @pytest.mark.parametrize("key, value", [("low_res", 2.0), ("time_budget", -1.0)])

@@ -284,7 +284,8 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_first(tmp_pa
         save_checkpoint({"config": {}, "epoch": 1, **checkpoint}, path)
         with pytest.raises(UserError, match=f"holds a non-finite \\(nan or inf\\) {named};"):
             load_checkpoint(str(path))
-    finite = {"a": torch.zeros(3), "steps": torch.tensor(7), "f8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    finite = {"a": torch.zeros(3), "steps": torch.tensor(7), "f8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+              "f64": torch.tensor([1e300], dtype=torch.float64)}  # finite, though past float32's range
     save_checkpoint({"model": finite, "ema": None, "config": {}, "epoch": 1}, path)
     assert torch.equal(load_checkpoint(str(path))["model"]["a"], torch.zeros(3))
 
