@@ -809,7 +809,7 @@ def _identity(path, st=None):
 
 def _image_identity(path):
     """_identity of an image file, from the one stat that also refuses what is not a regular file: Pillow
-    would wait forever on a named pipe, and a broken link holds nothing."""
+    would wait forever on a named pipe."""
     try:
         st = os.stat(path)
     except FileNotFoundError:  # listed a moment ago
