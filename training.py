@@ -639,14 +639,17 @@ def checkpoint_point(epoch, step, steps_per_epoch=None):
 
 def saved_config(checkpoint, path, needed, given=(), optional=()):
     """The configuration saved in a checkpoint; a UserError naming the file when it lacks a key
-    of `needed` (a checkpoint of another version of training.py, or an edited one), or holds a value
+    of `needed` not `given` (a checkpoint of another version of training.py, or an edited one), or holds a value
     of `needed` or, where saved, of `optional` (those the command line may replace) that its flag refuses
     (the settings `given` on the command line, which replace the saved ones, aside)."""
     config = checkpoint["config"]
-    missing = sorted(key for key in needed if key not in config) if isinstance(config, dict) else ["all"]
+    missing = sorted(key for key in needed if key not in config and key not in given) if isinstance(config, dict) \
+        else ["all"]
     if missing:
+        given_instead = [flag_name(key) for key in missing if key in optional]  # what the command line could give
         raise UserError(f"the configuration saved in {path} lacks {', '.join(missing)} (written by another "
-                        f"version of training.py?); this version cannot use that checkpoint")
+                        f"version of training.py?); this version cannot use that checkpoint"
+                        f"{' without ' + ', '.join(given_instead) if given_instead else ''}")
     config = canonical_names(dict(config))
     replace = ""  # how to replace the value refused, where the command line may
     try:

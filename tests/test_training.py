@@ -1788,6 +1788,12 @@ def test_a_saved_device_or_amp_this_machine_cannot_run_is_named_as_the_run_s(tra
     torch.save(checkpoint, path)
     code, captured = run_main(["--eval-only", "--checkpoint", str(path), "--amp", "off"], capsys)
     assert code == 0, captured.err
+    del checkpoint["config"]["amp"]  # lacking a setting the command line gives is no reason to refuse
+    torch.save(checkpoint, path)
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path)], capsys)
+    assert code == 2 and "lacks amp" in captured.err and "cannot use that checkpoint without --amp" in captured.err
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path), "--amp", "off"], capsys)
+    assert code == 0, captured.err
 
 
 @pytest.mark.parametrize("key, value", [("low_res", 2.0), ("time_budget", -1.0)])
