@@ -609,10 +609,11 @@ def _image_files(class_dir):
     walk meets first (ImageFolder reads it twice); a link to nothing is refused, as a class folder's is."""
     found, seen = [], set()
     for top, folders, names in os.walk(class_dir, onerror=_cannot_list, followlinks=True):
-        if os.path.realpath(top) in seen:  # a link back to a folder above it, or a second link to one
+        real = os.path.realpath(top)
+        if real in seen:  # a link back to a folder above it, or a second link to one
             folders.clear()
             continue
-        seen.add(os.path.realpath(top))
+        seen.add(real)
         folders[:] = sorted(d for d in folders if not d.startswith("."))  # walked in order: the same on any disk
         for name in names:
             if not name.startswith("."):
