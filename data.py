@@ -608,19 +608,34 @@ def _image_files(class_dir):
     each x.jpg it copies to some disks); a folder reached twice through links is read once, by the path the
     walk meets first (ImageFolder reads it twice); a link to nothing is refused, as a class folder's is."""
     found, seen = [], set()
-    for top, folders, names in os.walk(class_dir, onerror=_cannot_list, followlinks=True):
+    unread = [class_dir]  # folders still to read, the next one last: a walk of any depth (os.walk recursed on 3.11)
+    while unread:
+        top = unread.pop()
         real = os.path.realpath(top)
         if real in seen:  # a link back to a folder above it, or a second link to one
-            folders.clear()
             continue
         seen.add(real)
-        folders[:] = sorted(d for d in folders if not d.startswith("."))  # walked in order: the same on any disk
-        for name in names:
-            if not name.startswith("."):
+        try:
+            with os.scandir(top) as entries:
+                entries = [(entry.name, _is_folder(entry)) for entry in entries if not entry.name.startswith(".")]
+        except OSError as error:
+            _cannot_list(error)
+        # subfolders walked in order, the first first: the same on any disk
+        unread.extend(os.path.join(top, name) for name, folder in sorted(entries, reverse=True) if folder)
+        for name, folder in entries:
+            if not folder:
                 _refuse_broken_link(os.path.join(top, name))
                 if name.lower().endswith(IMAGE_SUFFIXES):
                     found.append((top, name))
     return [os.path.join(top, name) for top, name in sorted(found)]
+
+
+def _is_folder(entry):
+    """Whether a folder's entry is a folder or a link to one; False where the system cannot tell (as os.walk)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _class_names(train_folder):
@@ -838,6 +853,9 @@ def _read_verified(cache_path):
     return cache if isinstance(cache, dict) else {}  # entries of another shape never match, below
 
 
+_UNWRITABLE_RECORDS = set()  # the records of verified files this process could not write
+
+
 def _verify(root, relpaths):
     """Check the md5 of each file (paths relative to root) against MD5S. A file whose path and
     _identity match a remembered good check is not read again. Raises DataError on a mismatch."""
@@ -862,7 +880,9 @@ def _verify(root, relpaths):
         try:
             _atomic_write(cache_path, json.dumps(cache, indent=0).encode())
         except OSError as e:  # only costs a re-check next time
-            print(f"data: could not remember verified files in {cache_path} ({e})", file=sys.stderr)
+            if cache_path not in _UNWRITABLE_RECORDS:  # said once a process, not once per split
+                _UNWRITABLE_RECORDS.add(cache_path)
+                print(f"data: could not remember verified files in {cache_path} ({e})", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------

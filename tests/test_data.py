@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import http.client
 import http.server
+import inspect
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 import tarfile
 import threading
 import time
@@ -287,6 +289,22 @@ def test_read_only_root_is_never_written(tmp_path, monkeypatch):
         assert all_files(root) == before
     finally:
         make_writable(root)
+
+
+def test_a_record_of_verified_files_that_cannot_be_written_is_reported_once(tmp_path, monkeypatch, capsys):
+    # each split's files are verified on their own: the note came once per split, twice a run
+    root = tmp_path / "ro"
+    install(root, tiny_files("cifar10"))
+    make_read_only(root)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("VIL_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # no folder can be made there
+    monkeypatch.setattr(data, "_UNWRITABLE_RECORDS", set())
+    try:
+        data.load_dataset("cifar10", root, train=True)
+        data.load_dataset("cifar10", root, train=False)
+    finally:
+        make_writable(root)
+    assert capsys.readouterr().err.count("could not remember verified files") == 1
 
 
 # -----------------------------------------------------------------------------
@@ -657,6 +675,22 @@ def test_images_in_subfolders_of_a_class_folder_are_read_and_hidden_files_and_fo
     # ImageFolder's order, by folder, then by name: cat/z.png, cat/2019/b.png, cat/2019-b/f.png, cat/2019/x.jpg/c.png,
     # dog/d.png (not a walk's depth-first order, which would read 2019-b after all of 2019)
     assert images[:, 0, 0, 0].tolist() == [1, 2, 6, 3, 4] and labels.tolist() == [0, 0, 0, 0, 1]
+
+
+def test_a_class_folder_deeper_than_python_s_recursion_limit_is_read(tmp_path):
+    # os.walk recursed on Python 3.11 (a RecursionError about 1000 folders down); the limit is lowered here so
+    # that the tree stays short of the system's limit on a path's length
+    deep = tmp_path / "train" / "cat" / os.path.join(*["d"] * 300)
+    os.makedirs(deep)
+    for index, folder in enumerate((deep.parent, deep)):
+        Image.fromarray(np.full((8, 8, 3), index, np.uint8)).save(folder / "x.png")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 200)
+    try:
+        images, labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert images[:, 0, 0, 0].tolist() == [0, 1] and labels.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("link", ["test/eel", "train/eel", "train/cat/2020", "train/cat/x.png"])
