@@ -61,6 +61,14 @@ def flag_name(name):
     return "--" + name.replace("_", "-")
 
 
+def flag_names(name):
+    """The flags that give a setting a value: "--tta or --no-tta" for an on/off one, else flag_name's."""
+    flag = FLAG_OF.get(name)
+    if flag is not None and flag.type is bool:
+        return f"{flag_name(name)} or --no-{flag_name(name)[2:]}"
+    return flag_name(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Flag:
     """One setting of a run and its command-line flag (--name-with-dashes). allowed: an interval
@@ -191,7 +199,8 @@ FLAGS = {
         device=Flag(None, str, None, "cuda, cuda:1, cpu, ... (default: cuda when present, else cpu)"),
     ),
 }
-DEFAULTS = {name: flag.default for flags in FLAGS.values() for name, flag in flags.items()}
+FLAG_OF = {name: flag for flags in FLAGS.values() for name, flag in flags.items()}
+DEFAULTS = {name: flag.default for name, flag in FLAG_OF.items()}
 
 # Per-dataset recipes, only what differs from the defaults: the values that make the plain
 # `--dataset X` command beat the replaced repository's figures.
@@ -646,7 +655,7 @@ def saved_config(checkpoint, path, needed, given=(), optional=()):
     missing = sorted(key for key in needed if key not in config and key not in given) if isinstance(config, dict) \
         else ["all"]
     if missing:
-        given_instead = [flag_name(key) for key in missing if key in optional]  # what the command line could give
+        given_instead = [flag_names(key) for key in missing if key in optional]  # what the command line could give
         raise UserError(f"the configuration saved in {path} lacks {', '.join(missing)} (written by another "
                         f"version of training.py?); this version cannot use that checkpoint"
                         f"{' without ' + ', '.join(given_instead) if given_instead else ''}")
@@ -657,7 +666,7 @@ def saved_config(checkpoint, path, needed, given=(), optional=()):
         check_saved_dataset(config)
         for key in optional:
             if key in config and key not in given:
-                replace = f"; give {flag_name(key)} to replace it"
+                replace = f"; give {flag_names(key)} to replace it"
                 check_config({key: config[key]})
     except UserError as error:
         raise UserError(f"the configuration saved in {path} is not one this version can use (edited by hand?): "
@@ -674,7 +683,7 @@ def saved_value(key, from_checkpoint):
     except UserError as error:
         if not from_checkpoint:
             raise
-        raise UserError(f"{error} (the value saved with the run; give {flag_name(key)} to replace it)") from None
+        raise UserError(f"{error} (the value saved with the run; give {flag_names(key)} to replace it)") from None
 
 
 def check_saved_dataset(config):

@@ -1741,6 +1741,19 @@ def test_a_saved_data_dir_its_flag_refuses_is_named_as_the_checkpoint_s_unless_g
     assert code == 0 and "test accuracy" in captured.out
 
 
+def test_a_refused_saved_on_off_setting_names_both_of_its_flags(trained_run, tmp_path, capsys):
+    # "give --tta to replace it" left out the flag that turns it off
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["config"]["tta"] = "yes"
+    torch.save(checkpoint, path)
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path)], capsys)
+    assert code == 2 and "--tta must be a bool, got 'yes'; give --tta or --no-tta to replace it" in captured.err
+    code, captured = run_main(["--eval-only", "--checkpoint", str(path), "--no-tta"], capsys)
+    assert code == 0 and "test accuracy" in captured.out
+
+
 @pytest.mark.parametrize("error, advice", [(PermissionError(errno.EACCES, "Permission denied", "x/train"),
                                              "(Permission denied: x/train); make it readable, or point --data-dir"),
                                             (OSError(errno.ENOSPC, "No space left on device"),
