@@ -215,7 +215,8 @@ RECIPES = {
     # on a validation split at equal training time (RESULTS.md, "Progressive resizing"); no weight EMA: the raw
     # weights scored as well or better than the EMA's in each of eight runs of 3-21 epochs on a validation split
     # (RESULTS.md, "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2 --ema 0.999, as
-    # measured; a given --epochs turns the budget and the low resolution off). 50 epochs in thirds are about 30
+    # measured; a given --epochs turns the budget and the low resolution off, and a budget that holds all 50 at full
+    # size, a GPU's, the low resolution: it would buy no epochs). 50 epochs in thirds are about 30
     # full-size epochs of compute, what the budget fits on the fastest 2-core CPU met (vil-1m at 489 img/s in
     # bf16), and on a validation split they led the 26 that fit on a CPU half as fast (RESULTS.md,
     # "Progressive resizing"); the final evaluation adds four views shifted by 2 px to the mirror pair: +1.2-1.8
@@ -1207,19 +1208,25 @@ def resize_images(x, size):
 BUDGET_WARMUP_STEPS, BUDGET_TIMED_STEPS = 3, 10
 
 
-def fit_to_time_budget(run):
+def fit_to_time_budget(run, low_res_given=False):
     """--time-budget on a new run: cut config["epochs"] (and the schedule) to the most epochs, at least
     one, whose training steps fit the budget on this machine, from step_seconds' estimate of a step (of each
     image size under --low-res). The estimate and the epochs asked for are recorded in config (config.json);
-    refit_to_time_budget fits them again after the first epoch and after each later one of the run's first half."""
+    refit_to_time_budget fits them again after the first epoch and after each later one of the run's first half.
+    Where every epoch asked for fits at full size, the recipe's --low-res (not one given: low_res_given) is
+    turned off: it serves the budget, and would buy no epochs (as a given --epochs turns it off)."""
     config = run.config
     sizes = sorted(set(stage_sizes(config)))  # one size, the full one, without --low-res
     timed = dict(zip(sizes, step_seconds(run, sizes)))
     seconds = timed[sizes[-1]]  # a full-size step
     fit = config["time_budget_fit"] = dict(seconds_per_step=seconds, epochs_asked=config["epochs"])
-    if len(sizes) > 1:  # a smaller image's step as a share of a full-size one's, per third of the run
-        fit["step_shares"] = [timed[size] / seconds for size in stage_sizes(config)]
     asked, epoch_seconds = config["epochs"], seconds * run.steps_per_epoch
+    full_size = (len(sizes) > 1 and not low_res_given
+                 and epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked) == asked)
+    if full_size:  # a GPU, say, where a step of vil-1m costs alike at 16, 24 and 32 px (RESULTS.md, "On a GPU")
+        fit["low_res_off"], config["low_res"] = config["low_res"], 1.0
+    elif len(sizes) > 1:  # a smaller image's step as a share of a full-size one's, per third of the run
+        fit["step_shares"] = [timed[size] / seconds for size in stage_sizes(config)]
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], epoch_seconds, asked, shares=budget_shares(config))
     # refit_pending: a refit is due after the epoch under way (a run of one epoch has none)
     fit.update(epochs_from_steps=config["epochs"], refit_pending=config["epochs"] > 1)
@@ -1233,9 +1240,11 @@ def fit_to_time_budget(run):
         steps = (f"{seconds:.3f} s a step ({BUDGET_TIMED_STEPS} timed)" if len(sizes) == 1 else
                  " / ".join(f"{timed[size]:.3f}" for size in sizes)
                  + f" s a step at {at_sizes} px ({BUDGET_TIMED_STEPS} timed each)")
+        off = (f"; all fit at full size, so --low-res {fit['low_res_off']:g} is off (it would buy no epochs)"
+               if full_size else "")
         print(f"time budget {config['time_budget']:g} min: {steps}, {run.steps_per_epoch} steps an epoch -> "
               f"{config['epochs']} of {asked} epochs, about "
-              f"{format_seconds(epoch_seconds * budget_epochs(config, config['epochs']))} of training{whole}",
+              f"{format_seconds(epoch_seconds * budget_epochs(config, config['epochs']))} of training{whole}{off}",
               flush=True)
 
 
@@ -1619,7 +1628,7 @@ def train(config, given, resume, folder):
     run = setup_run(config, given, resume, folder)
     announce(run, given)
     if not resume and run.config["time_budget"]:
-        fit_to_time_budget(run)
+        fit_to_time_budget(run, low_res_given="low_res" in given)
     stop = folder.stop
     folder.training = True
     with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop

@@ -1946,6 +1946,38 @@ def test_a_time_budget_under_low_res_weighs_each_third_by_its_timed_steps(data_d
     assert [refit["epochs"] for refit in fit["refits"]] == [expected] * refits
 
 
+@pytest.mark.parametrize("given, budget, fitted", [(False, 1.0, "6 of 6 epochs, about 0:36"),
+                                                   (True, 1.0, "6 of 6 epochs, about 0:36"),
+                                                   (False, 0.5, "5 of 6 epochs, about 0:30")])
+def test_the_recipe_s_low_res_is_off_where_the_budget_holds_every_epoch_at_full_size(data_dir, tmp_path, capsys,
+                                                                                      monkeypatch, given, budget,
+                                                                                      fitted):
+    # a GPU: the timed steps cost 0.25 s at 8, 12 and 16 px alike, 6 s an epoch of 24 steps, so a minute holds all 6
+    # epochs asked for at full size; smaller images would buy none, and the run trains as one given --epochs would
+    # (the same weights). A --low-res given on the command line stays, and so does the recipe's where the budget
+    # cuts the epochs (half a minute: 5 of the 6)
+    clock_epochs(monkeypatch, lambda epoch, seen: seen / 96 * 6.0)
+    monkeypatch.setitem(training.RECIPES, "folder", dict(epochs=6, time_budget=budget, low_res=0.5))  # as CIFAR-10's
+    out, fixed = tmp_path / "run", tmp_path / "fixed"
+    common = TINY + ["--data-dir", data_dir, "--batch-size", "4", "--seed", "3"]
+    code, captured = run_main(common + ["--out-dir", str(out)] + (["--low-res", "0.5"] if given else []), capsys)
+    assert code == 0, captured.err
+    assert f"-> {fitted} of training" in captured.out
+    off = not given and budget == 1.0
+    assert ("--low-res 0.5 is off (it would buy no epochs)" in captured.out) is off
+    config = json.loads((out / "config.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if not off:
+        assert config["low_res"] == 0.5 and metrics[0]["image_size"] == [8, 8]
+        return
+    assert config["low_res"] == 1.0 and config["time_budget_fit"]["low_res_off"] == 0.5
+    assert all("image_size" not in record for record in metrics)
+    assert run_main(common + ["--out-dir", str(fixed), "--epochs", "6"], capsys)[0] == 0
+    trained, plain = (torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+                      for folder in (out, fixed))
+    assert all(torch.equal(trained[name], plain[name]) for name in plain)
+
+
 def test_the_time_budget_times_the_image_sizes_in_turns(data_dir, tmp_path, capsys, monkeypatch):
     # a machine that slows by 2% with every training step while the budget times its steps at 8, 12 and 16 px (a
     # clock that advances by the pixels' share of a 16-px step times that slowdown). Timed one size after the
