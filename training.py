@@ -216,9 +216,9 @@ RECIPES = {
     # weights scored as well or better than the EMA's in each of eight runs of 3-21 epochs on a validation split
     # (RESULTS.md, "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2 --ema 0.999, as
     # measured; a given --epochs turns the budget and the low resolution off, and a budget that holds all 50 at full
-    # size, a GPU's, the low resolution: it would buy no epochs). 50 epochs in thirds are about 30
-    # full-size epochs of compute, what the budget fits on the fastest 2-core CPU met (vil-1m at 489 img/s in
-    # bf16), and on a validation split they led the 26 that fit on a CPU half as fast (RESULTS.md,
+    # size with room to spare (FULL_SIZE_SHARE), a GPU's, the low resolution: it would buy no epochs). 50 epochs in
+    # thirds are about 30 full-size epochs of compute, what the budget fits on the fastest 2-core CPU met (vil-1m at
+    # 489 img/s in bf16), and on a validation split they led the 26 that fit on a CPU half as fast (RESULTS.md,
     # "Progressive resizing"); the final evaluation adds four views shifted by 2 px to the mirror pair: +1.2-1.8
     # points over the pair on a validation split in each of five runs (RESULTS.md, "Test-time shifts")
     "cifar10": dict(epochs=50, time_budget=50.0, low_res=0.5, lr=2e-3, policy="randaugment", policy_ops=1,
