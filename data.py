@@ -617,25 +617,31 @@ def _image_files(class_dir):
         seen.add(real)
         try:
             with os.scandir(top) as entries:
-                entries = [(entry.name, _is_folder(entry)) for entry in entries if not entry.name.startswith(".")]
+                entries = [(entry.name, *_entry_kind(entry)) for entry in entries if not entry.name.startswith(".")]
         except OSError as error:
             _cannot_list(error)
         # subfolders walked in order, the first first: the same on any disk
-        unread.extend(os.path.join(top, name) for name, folder in sorted(entries, reverse=True) if folder)
-        for name, folder in entries:
+        unread.extend(os.path.join(top, name) for name, folder, _ in sorted(entries, reverse=True) if folder)
+        for name, folder, link in entries:
             if not folder:
-                _refuse_broken_link(os.path.join(top, name))
+                if link:  # the listing says which entries are links: no lstat for each image
+                    _refuse_broken_link(os.path.join(top, name))
                 if name.lower().endswith(IMAGE_SUFFIXES):
                     found.append((top, name))
     return [os.path.join(top, name) for top, name in sorted(found)]
 
 
-def _is_folder(entry):
-    """Whether a folder's entry is a folder or a link to one; False where the system cannot tell (as os.walk)."""
+def _entry_kind(entry):
+    """(folder, link) of a folder's entry: whether it is a folder or a link to one (False where the system cannot
+    tell, as os.walk), and whether it may be a link (True where the system cannot tell: _refuse_broken_link looks)."""
     try:
-        return entry.is_dir()
+        folder = entry.is_dir()
     except OSError:
-        return False
+        folder = False
+    try:
+        return folder, entry.is_symlink()
+    except OSError:
+        return folder, True
 
 
 def _class_names(train_folder):

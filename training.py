@@ -306,10 +306,9 @@ def canonical_names(config):
 def check_config(config):
     """Refuse a value its flag does not allow (FLAGS) with a UserError that names the flag. A
     setting that config lacks (a run saved before the flag existed) is not checked."""
-    for flags in FLAGS.values():
-        for name, flag in flags.items():
-            if name in config:
-                flag.check(name, config[name])
+    for name, flag in FLAG_OF.items():
+        if name in config:
+            flag.check(name, config[name])
 
 
 def autocast_dtype(amp, device):
