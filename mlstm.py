@@ -83,46 +83,60 @@ def _matmul_dtype(a, b):
     return torch.matmul(a.new_ones(1, 1), b.new_ones(1, 1)).dtype
 
 
-def _normalise(numerator, dot, m, eps, scale=None):
-    """numerator * scale / (max(|dot|, exp(-m)) + eps), computed without overflow.
+def _normaliser(dot, m, eps, scale=None):
+    """The (..., S, 1) factor of _normalise, scale * u / den, and what its gradient needs -> (factor, u, lower, den,
+    on_dot): u = exp(min(m, 0)), lower = exp(-max(m, 0)), den = max(|dot| u, lower) + eps u, and on_dot, which side
+    of the max is taken (|dot| u >= lower).
 
-    numerator: (..., S, DH); dot, m: (..., S, 1); scale: (..., S, 1) or None (1). exp(-m) overflows
-    float32 once m < -88, and m >= igate can be as low as the smallest input gate. Multiplying the
-    numerator and the denominator by u = exp(min(m, 0)) <= 1 keeps every factor finite (the denominator
-    is then at least min(1, eps)) and changes nothing in exact arithmetic. h is smooth in m at m = 0, where
-    the two sides meet: there the derivative goes through u alone (through both, it would count twice; through
-    neither, as relu's zero derivative at 0 gave, it would vanish).
+    exp(-m) overflows float32 once m < -88, and m >= igate can be as low as the smallest input gate. Multiplying the
+    numerator and the denominator by u <= 1 keeps every factor finite (the denominator is then at least min(1, eps))
+    and changes nothing in exact arithmetic. h is smooth in m at m = 0, where the two sides meet: there autograd's
+    derivative goes through u alone (min(m, 0) passes it at 0, lower's exponent min(m, 0) - m does not), as it must
+    (through both, it would count twice; through neither, it would vanish).
     """
-    u = torch.exp(torch.where(m <= 0, m, 0.0))
-    denominator = torch.maximum(dot.abs() * u, torch.exp(-torch.where(m > 0, m, 0.0))) + eps * u
-    factor = u / denominator if scale is None else scale * u / denominator
+    low = m.clamp(max=0.0)
+    u, lower = low.exp(), (low - m).exp()
+    scaled_dot = dot.abs() * u
+    den = torch.add(torch.maximum(scaled_dot, lower), u, alpha=eps)
+    factor = u / den if scale is None else scale * u / den
+    return factor, u, lower, den, scaled_dot >= lower
+
+
+def _normalise(numerator, dot, m, eps, scale=None):
+    """numerator * scale / (max(|dot|, exp(-m)) + eps), computed without overflow (_normaliser).
+
+    numerator: (..., S, DH); dot, m: (..., S, 1); scale: (..., S, 1) or None (1).
+    """
     # the (..., S, 1) factor in the numerator's dtype, so that a bf16 numerator gives a bf16 h
     # without a float32 copy of the whole output
-    return numerator * factor.to(numerator.dtype)
+    return numerator * _normaliser(dot, m, eps, scale)[0].to(numerator.dtype)
 
 
-def _normalise_backward(grad_h, numerator, dot, m, eps, matmul_dtype, scale=None):
-    """The gradient of _normalise(numerator, dot, m, eps, scale) with scale held fixed -> (grad_numerator in
-    matmul_dtype, grad_dot, grad_m).
+def _normalise_saving(numerator, dot, m, eps, scale=None):
+    """_normalise for a written-out backward -> (h, saved for _normalise_backward): the factor and the two
+    (..., S, 1) coefficients that turn the gradient of the factor into those of dot and m, scale held fixed.
 
-    h = numerator * scale * u / den, den = max(|dot| u, lower) + eps u, u = exp(min(m, 0)), lower = exp(-max(m, 0)).
-    The (..., S, DH) products in h's dtype, bf16 under autocast (float32 copies of grad_h and of the
-    numerator cost more than the products); their row sums and the (..., S, 1) factors in m's dtype.
+    With f = scale * u / den: where on_dot, den = u (|dot| + eps), so f = scale / (|dot| + eps) does not depend on
+    m, and df/d dot = -f sign(dot) u / den; elsewhere f does not depend on dot, and df/dm = f lower / den (for
+    m <= 0, u = exp(m) and lower = 1; for m > 0, u = 1 and lower = exp(-m); at m = 0 both give f / den).
+    """
+    factor, u, lower, den, on_dot = _normaliser(dot, m, eps, scale)
+    per_den = factor / den
+    to_dot = torch.where(on_dot, per_den * u * dot.sign(), 0.0).neg_()
+    to_m = torch.where(on_dot, 0.0, per_den * lower)
+    return numerator * factor.to(numerator.dtype), (factor, to_dot, to_m)
+
+
+def _normalise_backward(grad_h, numerator, saved, matmul_dtype):
+    """The gradient of _normalise_saving(numerator, dot, m, ...) -> (grad_numerator in matmul_dtype, grad_dot,
+    grad_m). The (..., S, DH) products in h's dtype, bf16 under autocast (float32 copies of grad_h and of the
+    numerator cost more than the products); their row sums and the (..., S, 1) terms in the factor's dtype.
     matmul_dtype: v's, for the matmuls that follow (h's dtype differs where float32 inputs met autocast).
     """
-    u, lower = torch.exp(-torch.relu(-m)), torch.exp(-torch.relu(m))  # (..., S, 1)
-    on_dot = dot.abs() * u >= lower  # which side of the max is taken
-    den = torch.where(on_dot, dot.abs() * u, lower) + eps * u
-    ratio = u / den
-    factor = ratio if scale is None else scale * ratio
+    factor, to_dot, to_m = saved
     grad_numerator = (grad_h * factor.to(grad_h.dtype)).to(matmul_dtype)  # (..., S, DH)
-    grad_factor = (grad_h * numerator).sum(-1, keepdim=True, dtype=m.dtype)  # (..., S, 1)
-    grad_ratio = grad_factor if scale is None else grad_factor * scale
-    grad_den = -grad_ratio * ratio / den
-    grad_u = grad_ratio / den + grad_den * (torch.where(on_dot, dot.abs(), 0.0) + eps)
-    grad_dot = torch.where(on_dot, grad_den * u * dot.sign(), 0.0)
-    grad_m = grad_u * u * (m <= 0) - torch.where(on_dot, 0.0, grad_den) * lower * (m > 0)  # at m = 0: through u
-    return grad_numerator, grad_dot, grad_m
+    grad_factor = (grad_h * numerator).sum(-1, keepdim=True, dtype=factor.dtype)  # (..., S, 1)
+    return grad_numerator, grad_factor * to_dot, grad_factor * to_m
 
 
 def _log_decay_matrix(log_forget, igate):
@@ -209,26 +223,27 @@ def _segment_forward(q, k, v, igate, log_forget, eps):
     log_d = _log_decay_matrix(log_forget, igate)  # (..., S, S)
     m, argmax = log_d.max(-1, keepdim=True)  # (..., S, 1)
     decay, c, numerator, dot = _decayed_scores(q, k, v, log_d, m, overwrite=True)  # (..., S, S) in the gate dtype
-    return _normalise(numerator, dot, m, eps), (q, k, v, c, decay, numerator, dot, m, argmax)
+    h, normaliser = _normalise_saving(numerator, dot, m, eps)
+    return h, (q, k, v, c, decay, numerator, argmax, *normaliser)
 
 
-def _segment_backward(saved, grad_h, eps):
+def _segment_backward(saved, grad_h):
     """The gradient of _segment_forward -> (grad q, k, v, igate, log_forget); ParallelMLSTM's docstring
     derives it."""
-    q, k, v, c, decay, numerator, dot, m, argmax = saved
+    q, k, v, c, decay, numerator, argmax, *normaliser = saved
     dtype = c.dtype
-    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, dot, m, eps, v.dtype)
+    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, normaliser, v.dtype)
     grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
     grad_c = (grad_numerator @ v.transpose(-1, -2)).to(dtype).add_(grad_dot)  # (..., S, S)
     grad_log_d = grad_c * c  # through exp(L - m); zero above the diagonal
     grad_scores = grad_c.mul_(decay).to(q.dtype)  # in place of dC
     grad_q = grad_scores @ k
     grad_k = grad_scores.transpose(-1, -2) @ q
-    grad_m = grad_m - grad_log_d.sum(-1, keepdim=True)  # the -m in exp(L - m)
-    # sums of dL = grad_log_d + grad_m at each row's argmax, over rows and over columns
-    row_sums = (grad_log_d.sum(-1, keepdim=True) + grad_m).squeeze(-1)  # (..., S)
-    col_sums = grad_log_d.sum(-2).scatter_add_(-1, argmax.squeeze(-1), grad_m.squeeze(-1))  # (..., S)
-    difference = col_sums - row_sums
+    # dL = grad_log_d, plus at each row's argmax the gradient into m less the row's sum of grad_log_d (the -m in
+    # exp(L - m)): so each row of dL sums to the gradient into m, and its columns sum as below
+    at_argmax = grad_m - grad_log_d.sum(-1, keepdim=True)
+    col_sums = grad_log_d.sum(-2).scatter_add_(-1, argmax.squeeze(-1), at_argmax.squeeze(-1))  # (..., S)
+    difference = col_sums - grad_m.squeeze(-1)  # column sums less row sums
     grad_log_forget = difference.cumsum(-1) - difference  # sum over s < j
     return grad_q, grad_k, grad_v, col_sums, grad_log_forget
 
@@ -255,13 +270,14 @@ def _factored_forward(q, k, v, running, u, gate_dtype, eps):
     c = (q @ kb.transpose(-1, -2)).tril_()  # (..., S, S), in q's dtype (bf16 under autocast)
     numerator = c.to(v.dtype) @ v  # C' v
     dot = c.sum(-1, keepdim=True, dtype=gate_dtype) * a  # sum_s C[t, s]
-    return _normalise(numerator, dot, m, eps, scale=a), (v, q, kb, c, numerator, dot, m, argmax, a, b)
+    h, normaliser = _normalise_saving(numerator, dot, m, eps, scale=a)
+    return h, (v, q, kb, c, numerator, argmax, a, b, *normaliser)
 
 
-def _factored_backward(saved, grad_h, eps):
+def _factored_backward(saved, grad_h):
     """The gradient of _factored_forward -> (grad q, k, v, igate, log_forget)."""
-    v, q, kb, c, numerator, dot, m, argmax, a, b = saved
-    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, dot, m, eps, v.dtype, scale=a)
+    v, q, kb, c, numerator, argmax, a, b, *normaliser = saved
+    grad_numerator, grad_dot, grad_m = _normalise_backward(grad_h, numerator, normaliser, v.dtype)
     grad_v = c.to(v.dtype).transpose(-1, -2) @ grad_numerator
     grad_c = (grad_numerator @ v.transpose(-1, -2)).add_((grad_dot * a).to(v.dtype)).tril_().to(q.dtype)  # dC'
     grad_q, grad_kb = grad_c @ kb, grad_c.transpose(-1, -2) @ q  # (..., S, DH)
@@ -272,7 +288,7 @@ def _factored_backward(saved, grad_h, eps):
     # difference. From (S, DH) or (S, 1) products instead (d qa * qa, d kb * kb, or the scale's share of a in
     # _normalise), they put 2-7% into the forget-gate gradient of the bf16 test; this 0.5-0.9%
     grad_scores = grad_c * c
-    grad_log_a, grad_log_b = grad_scores.sum(-1, dtype=m.dtype), grad_scores.sum(-2, dtype=m.dtype)  # (..., S)
+    grad_log_a, grad_log_b = grad_scores.sum(-1, dtype=a.dtype), grad_scores.sum(-2, dtype=a.dtype)  # (..., S)
     grad_m = grad_m.squeeze(-1)
     grad_running_max = grad_m - grad_log_a  # r enters through m = F + r and a = exp(c - r)
     grad_u = grad_log_b.scatter_add(-1, argmax, grad_running_max)
@@ -352,7 +368,7 @@ class ParallelMLSTM(torch.autograd.Function):
                 h.view(-1, *h.shape[-2:]).index_copy_(0, segment_rows, segment_h.to(h.dtype))
             ctx.save_for_backward(fgate, *saved, *segment_saved, segment_rows)
             ctx.factored_count = len(saved)
-        ctx.eps, ctx.factor = eps, factor
+        ctx.factor = factor
         return h
 
     @staticmethod
@@ -360,12 +376,12 @@ class ParallelMLSTM(torch.autograd.Function):
     def backward(ctx, grad_h):
         fgate, *saved = ctx.saved_tensors
         if not ctx.factor:
-            grads = _segment_backward(saved, grad_h, ctx.eps)
+            grads = _segment_backward(saved, grad_h)
         else:
             count, segment_rows = ctx.factored_count, saved[-1]
-            grads = _factored_backward(saved[:count], grad_h, ctx.eps)
+            grads = _factored_backward(saved[:count], grad_h)
             if len(segment_rows):
-                segment_grads = _segment_backward(saved[count:-1], _rows(grad_h, segment_rows, 2), ctx.eps)
+                segment_grads = _segment_backward(saved[count:-1], _rows(grad_h, segment_rows, 2))
                 for grad, segment_grad in zip(grads, segment_grads):
                     # in the factored gradient's dtype: a backward run under autocast can leave the two apart
                     grad.view(-1, *segment_grad.shape[1:]).index_copy_(0, segment_rows, segment_grad.to(grad.dtype))
@@ -394,8 +410,9 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     compiler fuses their elementwise passes itself), and every row whose matmuls run in float16.
     """
     gate_dtype = _gate_dtype(q)
-    factor = factors_decay_matrix(q.device.type, (q.dtype, k.dtype, _matmul_dtype(q, k)),
-                                  torch.compiler.is_compiling())
+    # the matmuls' dtype only where it can matter: reading it launches a 1 x 1 matmul
+    dtypes = (q.dtype, k.dtype, _matmul_dtype(q, k)) if q.device.type == "cpu" else ()
+    factor = factors_decay_matrix(q.device.type, dtypes, torch.compiler.is_compiling())
     return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), fgate.to(gate_dtype), eps, factor).to(q.dtype)
 
 
@@ -474,6 +491,21 @@ def wang_init_(weight, dim, num_blocks):
     return nn.init.normal_(weight, mean=0.0, std=2 / num_blocks / math.sqrt(dim))
 
 
+def grouped_blocks(weight, group_width):
+    """Block-diagonal matrices cut into diagonal groups of group_width channels: weight (..., blocks, size, size),
+    the blocks as (out, in) -> (..., groups, group_width, group_width), zeros between the blocks of a group.
+
+    Batched matmuls with 4 x 4 matrices run far below peak; groups of 16 to 32 channels multiply
+    some zeros (group_width / block_size times the multiply-adds) and still run faster.
+    """
+    *lead, num_blocks, size, _ = weight.shape
+    per_group = group_width // size
+    weight = weight.view(*lead, num_blocks // per_group, per_group, size, 1, size)  # (..., groups, block, out, 1, in)
+    # (..., groups, block, out, block, in), zero unless the two block indices agree
+    mask = torch.eye(per_group, dtype=weight.dtype, device=weight.device)[:, None, :, None]
+    return (weight * mask).reshape(*lead, num_blocks // per_group, group_width, group_width)
+
+
 class BlockDiagonalLinear(nn.Module):
     """A linear map width -> width whose matrix is block-diagonal with block_size x block_size
     blocks (the q/k/v maps of the mLSTM layer): width * block_size weights instead of width^2.
@@ -490,18 +522,8 @@ class BlockDiagonalLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(width)) if bias else None
 
     def grouped_weight(self, group_width):
-        """(groups, group_width, group_width) as (out, in): the matrix cut into diagonal groups of
-        group_width channels, zeros between the blocks of a group.
-
-        Batched matmuls with 4 x 4 matrices run far below peak; groups of 16 to 32 channels multiply
-        some zeros (group_width / block_size times the multiply-adds) and still run faster.
-        """
-        num_blocks, size, _ = self.weight.shape
-        per_group = group_width // size
-        weight = self.weight.view(num_blocks // per_group, per_group, size, 1, size)  # (groups, block, out, 1, in)
-        # (groups, block, out, block, in), zero unless the two block indices agree
-        mask = torch.eye(per_group, dtype=weight.dtype, device=weight.device)[:, None, :, None]
-        return (weight * mask).reshape(num_blocks // per_group, group_width, group_width)
+        """(groups, group_width, group_width) as (out, in): the matrix cut into diagonal groups (grouped_blocks)."""
+        return grouped_blocks(self.weight, group_width)
 
     def dense_weight(self):
         """(width, width) as (out, in): the whole block-diagonal matrix, zeros outside the blocks."""
@@ -693,14 +715,17 @@ class ViLLayer(nn.Module):
         half = x_conv.dtype in (torch.bfloat16, torch.float16)  # as under autocast
         width, heads = self.group_width_half if half else self.group_width, self.cell.num_heads
         groups = inner // width
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        # (3, groups, width, width) as (out, in): the q, k and v maps cut into groups, all three in one pass
+        w_qkv = grouped_blocks(torch.stack([proj.weight for proj in projections]), width)
         gate_weight, gate_bias = self.cell.gate_weights()  # (2 NH, 3 inner), (2 NH,)
-        # (groups, 2 NH, width) each: the gate weights on the q, k and v channels of each group
-        gate_q, gate_k, gate_v = (part.reshape(2 * heads, groups, width).transpose(0, 1)
-                                  for part in gate_weight.split(inner, dim=1))
-        w_q, w_k, w_v = (proj.grouped_weight(width) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # the gate weights on the q, k and v channels of each group, (3, groups, 2 NH, width), times the group's q,
+        # k and v maps: each group's share of the gates from its input, (3, groups, 2 NH, width)
+        shares = gate_weight.view(2 * heads, 3, groups, width).permute(1, 2, 0, 3) @ w_qkv
+        (w_q, w_k, w_v), (share_q, share_k, share_v) = w_qkv.unbind(0), shares.unbind(0)
         # (groups, out, in) with out = [q, k, gate shares] and [v, gate shares]
-        weight_conv = torch.cat([w_q, w_k, gate_q @ w_q + gate_k @ w_k], dim=1)
-        weight_mlstm = torch.cat([w_v, gate_v @ w_v], dim=1)
+        weight_conv = torch.cat([w_q, w_k, share_q + share_k], dim=1)
+        weight_mlstm = torch.cat([w_v, share_v], dim=1)
         # (groups, B S, width), copied into that layout here: the matmul would copy a strided view itself,
         # and its backward would gather the view a second time for the weight gradient
         conv_groups = x_conv.reshape(batch * seq_len, groups, width).transpose(0, 1).contiguous()
@@ -710,12 +735,12 @@ class ViLLayer(nn.Module):
             out_conv = torch.bmm(conv_groups, weight_conv)  # (groups, B S, 2 width + 2 NH)
             out_mlstm = torch.bmm(mlstm_groups, weight_mlstm)  # (groups, B S, width + 2 NH)
         else:
-            bias_q, bias_k, bias_v = (proj.bias.view(groups, 1, width)
-                                      for proj in (self.q_proj, self.k_proj, self.v_proj))
-            no_bias = bias_q.new_zeros(groups, 1, 2 * heads)  # the gate shares' bias is added once, below
+            bias = torch.stack([proj.bias for proj in projections])  # (3, inner): [q, k, v] once flattened
+            bias_q, bias_k, bias_v = bias.view(3, groups, 1, width).unbind(0)
+            no_bias = bias.new_zeros(groups, 1, 2 * heads)  # the gate shares' bias is added once, below
             out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv)
             out_mlstm = torch.baddbmm(torch.cat([bias_v, no_bias], dim=2), mlstm_groups, weight_mlstm)
-            gate_bias = gate_bias + gate_weight @ torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            gate_bias = gate_bias + gate_weight @ bias.view(-1)
         # the gate shares summed over the groups in float32 (float64 for float64 inputs); under autocast
         # each share comes from a bf16 matmul, as q, k and v do (a gate map applied afterwards to those
         # bf16 q, k, v in float32 would round about the same)
