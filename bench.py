@@ -30,6 +30,10 @@ column: matmuls and convolutions, 2 per multiply-add; the backward pass taken as
 the usual rule), times the img/s. The peak is measured before the table: one plain square matmul
 (2048 on CPU, 4096 on CUDA) in fp32, or in bf16 on bf16 tensors for bf16 rows, median of a few
 repeats after a warm-up, printed in the header in TFLOP/s.
+"ops/step" counts the torch operators one training step dispatches below autograd (forward, backward, clipping and
+AdamW), views left out: each is a kernel launched on a GPU, and an eager step whose kernels are small (a small
+model's, as vil-1m at batch 256 is on a GPU) takes about as long as the host needs to launch them, so there the
+ratio of the two models' counts bounds their speed ratio (compiled rows: "-", the compiler fuses them).
 train --compile adds rows with the models wrapped in torch.compile (compiled during the warm-up; the
 optimizer step stays eager).
 block times one pair of ViL blocks (both directions) beside one ViT block, forward + backward,
@@ -67,6 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import DATASETS, Augment, DeviceLoader
@@ -229,6 +234,20 @@ def peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched below autograd while active, views left out (they launch no kernel; nor
+    does _unsafe_view, the view a reshape ends with where it had to copy): `with OpCounter() as counter: step()`,
+    then counter.ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not (func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view)
+        return func(*args, **(kwargs or {}))
+
+
 def counted_flops(model, device):
     """Forward FLOPs of one image by torch's FlopCounterMode (the math attention backend, so the
     counter sees the attention matmuls)."""
@@ -262,7 +281,7 @@ def make_train_step(model, batch_size, dtype, device):
 
 def measure_training(spec, batch_size, device, dtype, compiled, steps, warmup):
     """Runs in a fresh process. -> dict with params, flops, counted flops, a list of images/s per
-    timed window, and peak memory in bytes."""
+    timed window, peak memory in bytes, and the operators a step dispatches (not where compiled)."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = bench_model(spec).to(device)
@@ -271,6 +290,10 @@ def measure_training(spec, batch_size, device, dtype, compiled, steps, warmup):
     seconds = timed_windows(step, steps, warmup, device)
     result["images_per_s"] = [batch_size / s for s in seconds]
     result["peak_memory"] = peak_memory_bytes(device)
+    if not compiled:  # a step after the first, whose AdamW creates its state
+        with OpCounter() as counter:
+            step()
+        result["ops"] = counter.ops
     return result
 
 
@@ -337,7 +360,7 @@ def figures(value):
 
 def memory_pass(spec, dtype, compiled, args, device):
     """Params, FLOP counts and peak memory of one model, from one warm-up step and one step in a
-    fresh process of its own (the second step holds gradients and AdamW state)."""
+    fresh process of its own (the second step holds gradients and AdamW state), then the operators of a third."""
     return in_fresh_process(measure_training, spec, args.batch_size, str(device), dtype, compiled, 1, 1)
 
 
@@ -348,7 +371,7 @@ def training_cells(spec, result, speeds, vit_speed, dtype, compiled, args, peak_
             f"{result['counted'] / 1e9:.3f}", args.batch_size, dtype, "yes" if compiled else "no",
             f"{figures(speed)} ({figures(min(speeds))}-{figures(max(speeds))})",
             f"{figures(100 * fraction_of_peak(result['flops'], speed, peak_flops))}%", f"{speed / vit_speed:.2f}",
-            megabytes(result["peak_memory"])]
+            result.get("ops", "-"), megabytes(result["peak_memory"])]
 
 
 def print_training_header(args, device, size, peaks):
@@ -366,7 +389,7 @@ def print_training_header(args, device, size, peaks):
           + f"; % of peak: {TRAINING_FLOPS_PER_FORWARD} x GFLOPs/img (forward + backward) x img/s over the "
           f"peak of the row's dtype\n")
     print_header(["model", "params", "GFLOPs/img", "counted", "batch", "dtype", "compile", "img/s", "% of peak",
-                  "vs ViT", "peak memory"])
+                  "vs ViT", "ops/step", "peak memory"])
 
 
 def training_table(args, device):

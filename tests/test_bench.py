@@ -122,6 +122,17 @@ def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monke
     assert ratio == pytest.approx(vil_speed / vit_speed, abs=0.01 + 0.05 * ratio)  # medians rounded in the table
     for row in rows:
         assert float(row["% of peak"].rstrip("%")) > 0 and row["peak memory"].endswith(" MB")
+        assert int(row["ops/step"]) > 0
+
+
+def test_op_counter_counts_each_operator_once_and_no_views():
+    x = torch.randn(4, 4, requires_grad=True)
+    with bench.OpCounter() as counter:
+        x.t().reshape(2, 8)  # a view, then a copy (the transposed x cannot be viewed so) and a view of it
+    assert counter.ops == 1
+    with bench.OpCounter() as counter:
+        (torch.mm(x, x.t()) + 1).sum()  # mm, add, sum; x.t() a view
+    assert counter.ops == 3
 
 
 def test_each_subcommand_takes_only_its_options(capsys, monkeypatch):
