@@ -540,12 +540,14 @@ class RunFolder:
         self.training = False  # whether the training loop has begun
         self._lock = None  # the open .lock file while this process holds it
         self._named = False  # whether claim() named and created the folder
+        self._made_runs = False  # whether it also created runs/, the folder of the named folders
 
     def claim(self, out_dir, default_name, resume):
         """Lock out_dir, or with out_dir None a new folder runs/<default_name> (-2, -3, ... added
         when that name is taken: two runs started in the same second). A new run refuses a folder
         that holds run files."""
         if out_dir is None:
+            self._made_runs = not os.path.isdir("runs")
             out_dir, self._named = new_folder("runs", default_name), True
         elif resume and not os.path.isdir(out_dir):
             missing = "it is a file, not a folder" if os.path.exists(out_dir) else "the folder does not exist"
@@ -585,12 +587,14 @@ class RunFolder:
         if self._lock is None:
             return
         # a folder this run named and saved nothing in goes again, so that failed starts leave no
-        # empty folders in runs/; any other lock file stays (removed, two runs could lock two files
-        # of one name)
+        # empty folders in runs/, nor runs/ itself where this run made it and it is empty; any other lock
+        # file stays (removed, two runs could lock two files of one name)
         if self._named and os.listdir(self.out_dir) == [".lock"]:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(self.out_dir, ".lock"))
                 os.rmdir(self.out_dir)
+                if self._made_runs:
+                    os.rmdir(os.path.dirname(self.out_dir))  # fails, and stays, where another run's folder is
         self._lock.close()  # which releases the lock
         self._lock = None
 

@@ -839,6 +839,17 @@ def test_runs_started_in_the_same_second_without_out_dir_get_folders_of_their_ow
     assert os.listdir("runs") == []  # neither saved anything: no empty folders left behind
 
 
+@pytest.mark.parametrize("runs_before", [False, True])
+def test_a_failed_start_leaves_no_run_folder_and_no_runs_folder_it_made(tmp_path, capsys, monkeypatch, runs_before):
+    monkeypatch.chdir(tmp_path)
+    if runs_before:
+        os.mkdir("runs")
+    code, captured = run_main(TINY + ["--data-dir", str(tmp_path / "no-such-folder"), "--epochs", "1"], capsys)
+    assert code == 2 and "error: " in captured.err
+    assert os.listdir(tmp_path) == (["runs"] if runs_before else [])  # a runs/ of the user's stays, empty
+    assert not runs_before or os.listdir("runs") == []
+
+
 @pytest.mark.parametrize("name", training.RUN_FILES)
 def test_a_new_run_refuses_a_folder_that_holds_any_run_file(data_dir, tmp_path, capsys, name):
     # e.g. a folder whose checkpoint.pt was deleted: its best.pt, metrics.jsonl and final.json stay
