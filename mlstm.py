@@ -716,9 +716,13 @@ class ViLLayer(nn.Module):
         width, heads = self.group_width_half if half else self.group_width, self.cell.num_heads
         groups = inner // width
         projections = (self.q_proj, self.k_proj, self.v_proj)
+        # the weights in the matmuls' dtype (bf16 under bf16 autocast), each cast once here: autocast would cast
+        # them again at each matmul below, and cat would cast its bf16 pieces back to float32
+        dtype = x_conv.dtype
         # (3, groups, width, width) as (out, in): the q, k and v maps cut into groups, all three in one pass
-        w_qkv = grouped_blocks(torch.stack([proj.weight for proj in projections]), width)
+        w_qkv = grouped_blocks(torch.stack([proj.weight for proj in projections]).to(dtype), width)
         gate_weight, gate_bias = self.cell.gate_weights()  # (2 NH, 3 inner), (2 NH,)
+        gate_weight = gate_weight.to(dtype)
         # the gate weights on the q, k and v channels of each group, (3, groups, 2 NH, width), times the group's q,
         # k and v maps: each group's share of the gates from its input, (3, groups, 2 NH, width)
         shares = gate_weight.view(2 * heads, 3, groups, width).permute(1, 2, 0, 3) @ w_qkv
@@ -735,7 +739,7 @@ class ViLLayer(nn.Module):
             out_conv = torch.bmm(conv_groups, weight_conv)  # (groups, B S, 2 width + 2 NH)
             out_mlstm = torch.bmm(mlstm_groups, weight_mlstm)  # (groups, B S, width + 2 NH)
         else:
-            bias = torch.stack([proj.bias for proj in projections])  # (3, inner): [q, k, v] once flattened
+            bias = torch.stack([proj.bias for proj in projections]).to(dtype)  # (3, inner): [q, k, v] flattened
             bias_q, bias_k, bias_v = bias.view(3, groups, 1, width).unbind(0)
             no_bias = bias.new_zeros(groups, 1, 2 * heads)  # the gate shares' bias is added once, below
             out_conv = torch.baddbmm(torch.cat([bias_q, bias_k, no_bias], dim=2), conv_groups, weight_conv)
@@ -744,18 +748,20 @@ class ViLLayer(nn.Module):
         # the gate shares summed over the groups in float32 (float64 for float64 inputs); under autocast
         # each share comes from a bf16 matmul, as q, k and v do (a gate map applied afterwards to those
         # bf16 q, k, v in float32 would round about the same)
-        dtype = _gate_dtype(x_conv)
-        q, k, gates_conv = GroupsToHeads.apply(out_conv, width, 2, heads, batch, dtype)
-        v, gates_mlstm = GroupsToHeads.apply(out_mlstm, width, 1, heads, batch, dtype)
-        gates = gates_conv + gates_mlstm + gate_bias.to(dtype)  # (B S, 2 NH)
+        gate_dtype = _gate_dtype(x_conv)
+        q, k, gates_conv = GroupsToHeads.apply(out_conv, width, 2, heads, batch, gate_dtype)
+        v, gates_mlstm = GroupsToHeads.apply(out_mlstm, width, 1, heads, batch, gate_dtype)
+        gates = gates_conv + gates_mlstm + gate_bias.to(gate_dtype)  # (B S, 2 NH)
         igate, fgate = gates.view(batch, seq_len, 2 * heads).transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
         return q, k, v, igate, fgate
 
     def _up(self, x):
-        """x: (B, S, D) -> x_mlstm, z: (B, S, inner) each. The up-projection as two matmuls, so that x_mlstm
-        and z are contiguous (the conv reads x_mlstm without a copy, and the gradient needs no concatenation)."""
-        weight_mlstm, weight_z = self.proj_up.weight.chunk(2)
-        bias_mlstm, bias_z = self.proj_up.bias.chunk(2) if self.proj_up.bias is not None else (None, None)
+        """x: (B, S, D) in the matmuls' dtype -> x_mlstm, z: (B, S, inner) each. The up-projection as two matmuls,
+        so that x_mlstm and z are contiguous (the conv reads x_mlstm without a copy, and the gradient needs no
+        concatenation); its weight and bias cast to x's dtype once, not per matmul by autocast."""
+        weight_mlstm, weight_z = self.proj_up.weight.to(x.dtype).chunk(2)
+        bias = self.proj_up.bias
+        bias_mlstm, bias_z = bias.to(x.dtype).chunk(2) if bias is not None else (None, None)
         return F.linear(x, weight_mlstm, bias_mlstm), F.linear(x, weight_z, bias_z)
 
     def _out(self, h, x_conv, z):
