@@ -333,3 +333,18 @@ def test_chunkwise_memory_is_linear_in_sequence_length():
     assert largest <= seq_len * 8 * 2
     assert saved <= 40 * seq_len * 64
     assert saved < seq_len * seq_len / 4
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_matmul_dtype_is_the_dtype_of_the_matmul(autocast_dtype, dtypes):
+    a, b = (torch.ones(2, 2, dtype=dtype) for dtype in dtypes)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        try:
+            expected = (a @ b).dtype
+        except RuntimeError:  # mixed dtypes without autocast: both refuse
+            with pytest.raises(RuntimeError):
+                mlstm._matmul_dtype(a, b)
+            return
+        assert mlstm._matmul_dtype(a, b) == expected
