@@ -78,11 +78,11 @@ def _gate_dtype(x):
 
 def _matmul_dtype(a, b):
     """The dtype of a matmul of a and b: the autocast dtype under autocast, else their common dtype (mixed
-    dtypes raise, as the matmul itself would). For float32 inputs read from torch's autocast state where it has
-    one for every device (torch 2.4 and later; autocast casts float32 matmul inputs to its dtype on every device);
+    dtypes raise, as the matmul itself would). For float32 inputs on a CPU or a CUDA GPU read from torch's autocast
+    state where it has one for both (torch 2.4 and later; autocast casts float32 matmul inputs to its dtype);
     otherwise from a 1 x 1 matmul, which works on every torch version and device but launches five operators."""
     device = a.device.type
-    if a.dtype == b.dtype == torch.float32 and hasattr(torch, "get_autocast_dtype"):
+    if a.dtype == b.dtype == torch.float32 and device in ("cpu", "cuda") and hasattr(torch, "get_autocast_dtype"):
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
     return torch.matmul(a.new_ones(1, 1), b.new_ones(1, 1)).dtype
 
