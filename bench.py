@@ -33,7 +33,8 @@ repeats after a warm-up, printed in the header in TFLOP/s.
 "ops/step" counts the torch operators one training step dispatches below autograd (forward, backward, clipping and
 AdamW), views left out: each is a kernel launched on a GPU, and an eager step whose kernels are small (a small
 model's, as vil-1m at batch 256 is on a GPU) takes about as long as the host needs to launch them, so there the
-ratio of the two models' counts bounds their speed ratio (compiled rows: "-", the compiler fuses them).
+two models' counts, more than their FLOPs, set their speed ratio (RESULTS.md, "Operators per step"; compiled
+rows: "-", the compiler fuses the operators).
 train --compile adds rows with the models wrapped in torch.compile (compiled during the warm-up; the
 optimizer step stays eager).
 block times one pair of ViL blocks (both directions) beside one ViT block, forward + backward,
