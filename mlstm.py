@@ -78,9 +78,10 @@ def _gate_dtype(x):
 
 def _matmul_dtype(a, b):
     """The dtype of a matmul of a and b: the autocast dtype under autocast, else their common dtype (mixed
-    dtypes raise, as the matmul itself would). For float32 inputs on a CPU or a CUDA GPU read from torch's autocast
-    state where it has one for both (torch 2.4 and later; autocast casts float32 matmul inputs to its dtype);
-    otherwise from a 1 x 1 matmul, which works on every torch version and device but launches five operators."""
+    dtypes raise, as the matmul itself would). For float32 inputs on a CPU or a CUDA GPU it is read from torch's
+    autocast state (torch.get_autocast_dtype, torch 2.4 and later; autocast casts float32 matmul inputs to its
+    dtype); otherwise from a 1 x 1 matmul, which works on every torch version and device but launches five
+    operators."""
     device = a.device.type
     if a.dtype == b.dtype == torch.float32 and device in ("cpu", "cuda") and hasattr(torch, "get_autocast_dtype"):
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
@@ -118,7 +119,8 @@ def _normalise(numerator, dot, m, eps, scale=None):
 
 def _normalise_saving(numerator, dot, m, eps, scale=None):
     """_normalise for a written-out backward -> (h, saved for _normalise_backward): the factor and the two
-    (..., S, 1) coefficients that turn the gradient of the factor into those of dot and m, scale held fixed.
+    (..., S, 1) coefficients that turn the gradient of the factor into those of dot and m, scale held fixed (the
+    factored form's scale a reaches the gates through its own route: _factored_backward's grad_log_a).
 
     With f = scale * u / den: where on_dot, den = u (|dot| + eps), so f = scale / (|dot| + eps) does not depend on
     m, and df/d dot = -f sign(dot) u / den; elsewhere f does not depend on dot, and df/dm = f lower / den (for
@@ -126,7 +128,7 @@ def _normalise_saving(numerator, dot, m, eps, scale=None):
     """
     factor, u, lower, den, on_dot = _normaliser(dot, m, eps, scale)
     per_den = factor / den
-    to_dot = torch.where(on_dot, per_den * u * dot.sign(), 0.0).neg_()
+    to_dot = torch.where(on_dot, per_den * u * dot.sign(), 0.0).neg_()  # -0.0 off the dot side: harmless
     to_m = torch.where(on_dot, 0.0, per_den * lower)
     return numerator * factor.to(numerator.dtype), (factor, to_dot, to_m)
 
@@ -243,8 +245,8 @@ def _segment_backward(saved, grad_h):
     grad_scores = grad_c.mul_(decay).to(q.dtype)  # in place of dC
     grad_q = grad_scores @ k
     grad_k = grad_scores.transpose(-1, -2) @ q
-    # dL = grad_log_d, plus at each row's argmax the gradient into m less the row's sum of grad_log_d (the -m in
-    # exp(L - m)): so each row of dL sums to the gradient into m, and its columns sum as below
+    # dL = grad_log_d, plus at each row's argmax the normaliser's gradient into m (grad_m) less the row's sum of
+    # grad_log_d (the -m in exp(L - m)): so each row of dL sums to grad_m, and its columns sum as below
     at_argmax = grad_m - grad_log_d.sum(-1, keepdim=True)
     col_sums = grad_log_d.sum(-2).scatter_add_(-1, argmax.squeeze(-1), at_argmax.squeeze(-1))  # (..., S)
     difference = col_sums - grad_m.squeeze(-1)  # column sums less row sums
@@ -414,9 +416,10 @@ def parallel_mlstm(q, k, v, igate, fgate, eps=1e-6):
     compiler fuses their elementwise passes itself), and every row whose matmuls run in float16.
     """
     gate_dtype = _gate_dtype(q)
-    # the matmuls' dtype only where it can matter: reading it launches a 1 x 1 matmul
-    dtypes = (q.dtype, k.dtype, _matmul_dtype(q, k)) if q.device.type == "cpu" else ()
-    factor = factors_decay_matrix(q.device.type, dtypes, torch.compiler.is_compiling())
+    # asked only on a CPU, the one device where the answer can be yes: reading the matmuls' dtype may launch a
+    # 1 x 1 matmul (_matmul_dtype)
+    factor = q.device.type == "cpu" and factors_decay_matrix(
+        "cpu", (q.dtype, k.dtype, _matmul_dtype(q, k)), torch.compiler.is_compiling())
     return ParallelMLSTM.apply(q, k, v, igate.to(gate_dtype), fgate.to(gate_dtype), eps, factor).to(q.dtype)
 
 

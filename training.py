@@ -630,11 +630,11 @@ def new_folder(parent, name):
     either creates a folder or fails, so two runs never get the same one."""
     path = parent
     try:
-        os.makedirs(parent, exist_ok=True)
         for number in itertools.count(1):
             path = os.path.join(parent, name if number == 1 else f"{name}-{number}")
             try:
-                os.mkdir(path)
+                # parent too where it is missing (a failed start of another run removes a runs/ it made)
+                os.makedirs(path)
                 return path
             except FileExistsError:
                 continue

@@ -348,3 +348,23 @@ def test_matmul_dtype_is_the_dtype_of_the_matmul(autocast_dtype, dtypes):
                 mlstm._matmul_dtype(a, b)
             return
         assert mlstm._matmul_dtype(a, b) == expected
+
+
+def test_matmul_dtype_follows_nested_autocast_and_dispatches_nothing_where_torch_says():
+    a = torch.ones(2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):  # a region that turns it off again
+            assert mlstm._matmul_dtype(a, a) == (a @ a).dtype == torch.float32
+        assert mlstm._matmul_dtype(a, a) == (a @ a).dtype == torch.bfloat16
+
+        class Operators(TorchDispatchMode):
+            count = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Operators.count += 1
+                return func(*args, **(kwargs or {}))
+
+        with Operators():
+            mlstm._matmul_dtype(a, a)
+    # torch 2.4 and later: read from the autocast state (torch 2.3: a 1 x 1 matmul)
+    assert Operators.count == (0 if hasattr(torch, "get_autocast_dtype") else 5)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import SMALL, normwise_relative_error
 from mlstm import MLSTM_FORMS, BlockDiagonalLinear, ViLBlock, reference_vil_layer
@@ -233,6 +234,8 @@ def test_layer_under_bf16_autocast_agrees_with_the_design(dim):
     torch.manual_seed(2)
     layer = ViLBlock(dim, "top_left", (3, 4)).layer
     assert layer.group_width_half > layer.group_width
+    for gate in (layer.cell.igate, layer.cell.fgate):  # zero at init: the gate shares' route would go untested
+        torch.nn.init.normal_(gate.weight, std=0.05)
     x = torch.randn(2, 12, dim, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -358,3 +361,26 @@ def test_a_layer_given_another_grid_convolves_on_that_grid(direction):
     torch.testing.assert_close(layer(x, (2, 6)), other(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer(x, (2, 6)), reference_vil_layer(layer, x, (2, 6)), rtol=1e-10, atol=1e-12)
     assert (layer(x, (2, 6)) - layer(x)).abs().max() > 1e-3  # the grid matters
+
+
+def test_under_bf16_autocast_a_layer_casts_each_parameter_once_and_nothing_back_to_float32():
+    # each cast is an operator of its own (on a GPU, a kernel launched): a parameter cast for each matmul it enters,
+    # or bf16 results cast back to float32 (cat with a float32 piece), would show here
+    torch.manual_seed(0)
+    layer = ViLBlock(64, "top_left", (3, 4)).layer
+    x = torch.randn(2, 12, 64)
+    storages = {param.untyped_storage().data_ptr(): name for name, param in layer.named_parameters()}
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten._to_copy:
+                casts.append((storages.get(args[0].untyped_storage().data_ptr()), args[0].dtype, out.dtype))
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        layer(x)
+    cast_params = [name for name, _, _ in casts if name is not None]
+    assert len(cast_params) == len(set(cast_params)), cast_params
+    assert not [cast for cast in casts if cast[1:] == (torch.bfloat16, torch.float32)], casts
