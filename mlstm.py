@@ -517,8 +517,8 @@ class BlockDiagonalLinear(nn.Module):
     """A linear map width -> width whose matrix is block-diagonal with block_size x block_size
     blocks (the q/k/v maps of the mLSTM layer): width * block_size weights instead of width^2.
 
-    It owns the parameters; ViLLayer._qkv_and_gates applies them from grouped_weight, together with
-    the gates, and reference_vil_layer as the dense matrix.
+    It owns the parameters; ViLLayer._qkv_and_gates applies them cut into groups (grouped_blocks), together
+    with the gates, and reference_vil_layer as the dense matrix.
     """
 
     def __init__(self, width, block_size, bias=True):
@@ -527,10 +527,6 @@ class BlockDiagonalLinear(nn.Module):
             raise ValueError(f"width {width} is not a multiple of the block size {block_size}")
         self.weight = nn.Parameter(torch.empty(width // block_size, block_size, block_size))  # (blocks, out, in)
         self.bias = nn.Parameter(torch.zeros(width)) if bias else None
-
-    def grouped_weight(self, group_width):
-        """(groups, group_width, group_width) as (out, in): the matrix cut into diagonal groups (grouped_blocks)."""
-        return grouped_blocks(self.weight, group_width)
 
     def dense_weight(self):
         """(width, width) as (out, in): the whole block-diagonal matrix, zeros outside the blocks."""

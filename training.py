@@ -626,8 +626,8 @@ class RunFolder:
 
 
 def new_folder(parent, name):
-    """Create parent/name, or parent/name-2, -3, ... where that exists; returns its path. mkdir
-    either creates a folder or fails, so two runs never get the same one."""
+    """Create parent/name, or parent/name-2, -3, ... where that exists; returns its path. makedirs
+    either creates the last folder or fails, so two runs never get the same one."""
     path = parent
     try:
         for number in itertools.count(1):

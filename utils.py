@@ -148,8 +148,8 @@ def load_checkpoint(path):
         if name is not None:
             # training.py stops a run whose weights diverge before it saves them
             raise UserError(f"{path} holds a non-finite (nan or inf) {kind}, {name}; training.py never saves such "
-                            f"weights, so the file was changed after it was saved: use a copy made before that, or train "
-                            f"the run again")
+                            f"weights, so the file was changed after it was saved: use a copy made before that, or "
+                            f"train the run again")
     return checkpoint
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import SMALL, normwise_relative_error
-from mlstm import MLSTM_FORMS, BlockDiagonalLinear, ViLBlock, reference_vil_layer
+from mlstm import MLSTM_FORMS, BlockDiagonalLinear, ViLBlock, grouped_blocks, reference_vil_layer
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
 
 
@@ -262,7 +262,7 @@ def test_block_diagonal_weights_are_the_block_diagonal_matrix():
         assert torch.equal(dense[rows, rows], proj.weight[block])
         assert dense[rows].count_nonzero() == proj.weight[block].count_nonzero()
     for width in (4, 8, 12, 24):  # every group is a diagonal piece of the same matrix
-        assert torch.equal(torch.block_diag(*proj.grouped_weight(width)), dense)
+        assert torch.equal(torch.block_diag(*grouped_blocks(proj.weight, width)), dense)
 
 
 def test_initialisation_follows_the_published_models():
