@@ -128,8 +128,8 @@ def load_checkpoint(path):
         if isinstance(error, OSError) and error.errno is not None:  # the file system's refusal, not the file's bytes
             raise UserError(f"cannot read checkpoint {path} ({error.strerror}); make it readable, or use a copy of it")
         # torch's text for a file that is not plain tensors suggests weights_only=False, which would run any code
-        # the file holds: the type alone
-        detail = "" if isinstance(error, pickle.UnpicklingError) else f": {error_text(error)}"
+        # the file holds, and a KeyError's is a byte of the file (a text file's, say): the type alone
+        detail = "" if isinstance(error, (pickle.UnpicklingError, KeyError)) else f": {error_text(error)}"
         raise UserError(f"cannot read checkpoint {path}: it is truncated, corrupt or not a "
                         f"checkpoint of this project ({type(error).__name__}{detail})")
     if damaged is not None:
@@ -309,14 +309,23 @@ def stop_requests():
 
 # ----------------------------------------------------------------------------- optimisation
 
+# where Linux lists the CPU's flags, read where torch has no probes of its own
+CPUINFO = "/proc/cpuinfo"
+
+
 def cpu_has_native_bf16():
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast
     trains faster than float32. CPUs without it emulate bf16 and run slower than float32."""
-    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(torch.cpu, name, None)  # private helpers of torch.cpu, present since torch 2.3
-        if check is not None and check():
-            return True
-    return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    probes = [probe for probe in probes if probe is not None]  # private helpers of torch.cpu, from torch 2.4 on
+    if probes:
+        return any(probe() for probe in probes)
+    try:  # torch 2.3: the flags the kernel lists ("flags : ... avx512_bf16 ... amx_bf16 ..."), none elsewhere
+        with open(CPUINFO) as file:
+            flags = {flag for line in file if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    except OSError:
+        return False
+    return not flags.isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def has_native_bf16(device):

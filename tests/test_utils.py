@@ -3,6 +3,7 @@ setting."""
 import argparse
 import errno
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_atomic_write_removes_the_temporary_files_of_killed_writers_of_the_same_
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt"] + others)
 
 
-def test_cpu_native_bf16_is_read_from_torch_cpu_probes(monkeypatch):
+def test_cpu_native_bf16_is_read_from_torch_cpu_probes_or_else_the_cpu_flags(monkeypatch, tmp_path):
     import utils
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
@@ -113,9 +114,17 @@ def test_cpu_native_bf16_is_read_from_torch_cpu_probes(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert utils.cpu_has_native_bf16() is True
-    # an older torch without the probes: no native bf16 assumed
+    # torch 2.3 has no probes: the flags that Linux lists for the CPU decide, and without them no native bf16
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(utils, "CPUINFO", str(cpuinfo))
+    for flags, native in [("fpu avx2 fma avx512f", False), ("fpu avx2 avx512f avx512_bf16", True),
+                          ("fpu avx2 amx_bf16 amx_tile", True), ("fpu avx2 avx512_bf16_x", False)]:
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\n"
+                           f"processor\t: 1\nflags\t\t: {flags}\n")
+        assert utils.cpu_has_native_bf16() is native, flags
+    cpuinfo.unlink()  # no such file (not Linux)
     assert utils.cpu_has_native_bf16() is False
 
 
@@ -296,11 +305,14 @@ def test_a_file_that_is_not_plain_tensors_is_refused_without_advice_to_unpickle_
     torch.save({"model": {}, "config": argparse.Namespace(lr=1.0), "epoch": 1}, pickled)  # a class instance
     text = tmp_path / "notes.pt"
     text.write_text("# not a checkpoint\n")
-    for path in (pickled, text):
+    greeting = tmp_path / "greeting.pt"  # torch's legacy reader raises a KeyError that names a byte of the file
+    greeting.write_text("hello world\n")
+    for path in (pickled, text, greeting):
         with pytest.raises(UserError, match="cannot read checkpoint .*: it is truncated, corrupt or not a checkpoint "
                                             "of this project") as caught:
             load_checkpoint(str(path))
         assert "weights_only" not in str(caught.value), str(caught.value)
+        assert re.search(r"project \([A-Za-z]+\)$", str(caught.value)), str(caught.value)  # the error's type alone
 
 
 def test_save_checkpoint_turns_a_failed_write_inside_torch_save_into_an_os_error(tmp_path, monkeypatch):
