@@ -142,6 +142,23 @@ def test_drop_path_only_in_training():
     assert not torch.equal(first, model(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_path_zeroes_whole_samples_and_divides_the_kept_ones_by_the_keep_rate(dtype):
+    from mlstm import DropPath
+    drop = DropPath(0.05).train()
+    x = torch.randn(400, 8, 16).to(dtype)
+    torch.manual_seed(0)
+    out = drop(x)
+    assert out.dtype == dtype
+    kept = out.flatten(1).ne(0).any(1)
+    assert 0 < (~kept).sum() < 60  # about 5% of 400 samples dropped, each whole
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
+    # kept values are x / 0.95, each rounded in x's dtype: on average no bias, where x times a scale rounded to
+    # bf16 (1.0547) would put every kept value 0.2% high
+    ratio = out[kept].double() / x[kept].double()
+    assert abs(ratio.mean().item() * 0.95 - 1) < 1e-4
+
+
 def test_model_rebuilds_from_json_config():
     model = create_model("vil-1m", img_size=(28, 28), in_chans=1, **SMALL)
     saved = json.loads(json.dumps(dataclasses.asdict(model.config)))  # img_size comes back as a list
