@@ -1400,7 +1400,9 @@ def announce(run, given):
           f"{run.world_size} process{'es' if run.world_size > 1 else ''}, autocast "
           f"{str(run.dtype).replace('torch.', '') if run.dtype else 'off'} | run folder {config['out_dir']}")
     if run.resumed:
-        print(f"resuming after {checkpoint_point(run.start_epoch, run.start_step, run.steps_per_epoch)}")
+        done = (f": all {counted(config['epochs'], 'epoch')} are trained, so only the test set is evaluated again "
+                f"(a larger --epochs trains on)" if run.start_epoch >= config["epochs"] else "")
+        print(f"resuming after {checkpoint_point(run.start_epoch, run.start_step, run.steps_per_epoch)}{done}")
         return
     recipe = recipe_line(config, given, run.raw_model.config)
     if recipe:
