@@ -77,7 +77,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
-from model import PRESETS, ViLConfig, create_model
+from model import PRESETS, ViLConfig, VisionLSTM, create_model
 from utils import (AUTOCAST_DTYPES, UserError, autocast, has_native_bf16, keep_freed_memory, out_of_memory,
                    resolve_device, synchronize)
 
@@ -86,7 +86,7 @@ if __name__ == "__main__":
 DTYPES = ("fp32", "bf16")  # plain fp32, or bf16 autocast (utils.AUTOCAST_DTYPES)
 IMG_SIZE, IN_CHANS, NUM_CLASSES = 32, 3, 10  # CIFAR-10 shaped inputs
 VIT_HEAD_DIM, VIT_MLP_RATIO = 64, 4
-LABEL_SMOOTHING, GRAD_CLIP = 0.1, 1.0  # training.py's defaults
+LABEL_SMOOTHING, GRAD_CLIP, WEIGHT_DECAY = 0.1, 1.0, 0.05  # training.py's defaults
 TRAINING_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the inputs and of the weights)
 
 # the matmul peak: one (N, N) @ (N, N) product per dtype, median of the repeats after the warm-up
@@ -157,6 +157,9 @@ class ViT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    # training.py's two AdamW groups by the ViL's rule: matrices and kernels decay; biases, norms and pos_embed do not
+    param_groups = VisionLSTM.param_groups
 
     def flops_per_image(self):
         """Forward FLOPs of one image: 2 x multiply-adds of the convolution and the matmuls."""
@@ -259,13 +262,13 @@ def counted_flops(model, device):
 
 
 def make_train_step(model, batch_size, dtype, device):
-    """A closure doing one training step as training.py does (without its weight EMA, and with weight decay on
-    every parameter and a constant learning rate, which cost the same), on a fixed random batch."""
+    """A closure doing one training step as training.py does (without its weight EMA, and with a constant learning
+    rate, which costs the same), on a fixed random batch."""
     x = torch.randn(batch_size, IN_CHANS, IMG_SIZE, IMG_SIZE, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     params = list(model.parameters())
-    # fused on CUDA, as training.py runs it
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, fused=device.type == "cuda")
+    # its parameter groups, fused on CUDA, as training.py runs it
+    optimizer = torch.optim.AdamW(model.param_groups(WEIGHT_DECAY), lr=1e-3, fused=device.type == "cuda")
     autocast_dtype = AUTOCAST_DTYPES[dtype]
 
     def train_step():

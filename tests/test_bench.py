@@ -104,6 +104,22 @@ def test_train_step_clips_the_gradient_norm(monkeypatch):
     assert norm.item() == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_train_step_decays_the_parameters_that_training_py_decays(monkeypatch):
+    import training
+    groups_seen, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **options: groups_seen.append(groups) or adamw(groups,
+                                                                                                         **options))
+    for spec in (("vil", "vil-1m"), ("vit", bench.yardstick_arch("vil-1m"))):
+        model = bench.bench_model(spec)
+        bench.make_train_step(model, 2, "fp32", torch.device("cpu"))
+        decay = {group["weight_decay"] for group in groups_seen[-1] if group["weight_decay"]}
+        decayed = {id(p) for group in groups_seen[-1] if group["weight_decay"] for p in group["params"]}
+        assert decay == {training.DEFAULTS["weight_decay"]}
+        # matrices and kernels, not biases, norms or the position embedding (model.py, VisionLSTM.param_groups)
+        assert decayed == {id(p) for name, p in model.named_parameters() if p.ndim >= 2 and name != "pos_embed"}
+        assert len(decayed) < len(list(model.parameters()))
+
+
 def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monkeypatch):
     monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE", {"cpu": 256})  # the peak of a small matmul: quick
     args = argparse.Namespace(model=["vil-1m"], dtypes=["fp32"], compile_modes=[False], batch_size=4, steps=2,
