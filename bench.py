@@ -77,7 +77,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
-from model import PRESETS, ViLConfig, VisionLSTM, create_model
+from model import PRESETS, ViLConfig, create_model, decay_groups
 from utils import (AUTOCAST_DTYPES, UserError, autocast, has_native_bf16, keep_freed_memory, out_of_memory,
                    resolve_device, synchronize)
 
@@ -158,8 +158,9 @@ class ViT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    # training.py's two AdamW groups by the ViL's rule: matrices and kernels decay; biases, norms and pos_embed do not
-    param_groups = VisionLSTM.param_groups
+    def param_groups(self, weight_decay):
+        """AdamW's groups by the ViL's rule (model.decay_groups), as training.py makes them."""
+        return decay_groups(self, weight_decay)
 
     def flops_per_image(self):
         """Forward FLOPs of one image: 2 x multiply-adds of the convolution and the matmuls."""

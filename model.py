@@ -154,15 +154,9 @@ class VisionLSTM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def param_groups(self, weight_decay):
-        """Parameter groups for torch.optim.AdamW: matrices and kernels decay; biases, norms, the
-        skip vector, gate biases and the position embedding do not."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.ndim >= 2 and name != "pos_embed":
-                decay.append(param)
-            else:
-                no_decay.append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """Parameter groups for torch.optim.AdamW (decay_groups): matrices and kernels decay; biases, norms,
+        the skip vector, gate biases and the position embedding do not."""
+        return decay_groups(self, weight_decay)
 
     def flops_per_image(self):
         """Forward FLOPs for one image (2 per multiply-add), counting the matrix products and convs;
@@ -205,6 +199,19 @@ PRESETS = {
     "vil-b": dict(patch_size=4, dim=768, depth=24),
 }
 PRESET_ALIASES = {"vil-seed": "vil-1m"}  # earlier names, which saved runs and scripts may still use
+
+
+def decay_groups(module, weight_decay):
+    """Parameter groups of module for torch.optim.AdamW: the parameters of two or more dimensions (matrices and
+    kernels) but the position embedding (pos_embed) decay by weight_decay, the others (biases, norm weights and
+    other vectors) not."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.ndim >= 2 and name != "pos_embed":
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def create_model(name, num_classes=10, in_chans=3, img_size=32, **overrides):

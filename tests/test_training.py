@@ -718,11 +718,11 @@ def test_a_new_run_opens_with_its_recipe_and_its_flags_without_effect_and_a_resu
     code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
     assert code == 0, captured.err
     assert "resuming after epoch 1" in captured.out and "recipe for" not in captured.out and "note:" not in captured.out
-    assert "trained" not in captured.out  # epoch 2 is still to train
+    assert "only the test set" not in captured.out  # epoch 2 is still to train
     # a finished run resumed as it is: nothing to train, and the opening line says so
     code, captured = run_main(["--resume", "--out-dir", str(out)], capsys)
     assert code == 0, captured.err
-    assert ("resuming after epoch 2: all 2 epochs are trained, so only the test set is evaluated again"
+    assert ("resuming after epoch 2: training is done (2 epochs), so only the test set is evaluated again"
             in captured.out), captured.out
 
 
