@@ -104,6 +104,8 @@ def test_train_step_clips_the_gradient_norm(monkeypatch):
     assert norm.item() == pytest.approx(1e-3, rel=1e-3)
 
 
+# torch.compile's import of torch._dynamo warns of torch.jit's deprecated script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_train_step_decays_the_parameters_that_training_py_decays(monkeypatch):
     import training
     groups_seen, adamw = [], torch.optim.AdamW
