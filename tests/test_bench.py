@@ -118,7 +118,7 @@ def test_train_step_decays_the_parameters_that_training_py_decays(monkeypatch):
         decay = {group["weight_decay"] for group in groups_seen[-1] if group["weight_decay"]}
         decayed = {id(p) for group in groups_seen[-1] if group["weight_decay"] for p in group["params"]}
         assert decay == {training.DEFAULTS["weight_decay"]}
-        # matrices and kernels, not biases, norms or the position embedding (model.py, VisionLSTM.param_groups)
+        # matrices and kernels, not biases, norms or the position embedding (model.decay_groups)
         assert decayed == {id(p) for name, p in model.named_parameters() if p.ndim >= 2 and name != "pos_embed"}
         assert len(decayed) < len(list(model.parameters()))
 
