@@ -139,7 +139,10 @@ class VisionLSTM(nn.Module):
             raise ValueError(f"image size {size[0]}x{size[1]} is not a multiple of the patch size {patch}")
         x = self.patch_embed(x)  # (B, D, rows, cols)
         patch_grid = tuple(x.shape[-2:])
-        x = x.flatten(2).transpose(1, 2) + self.position_embedding(patch_grid)  # (B, S, D), row-major patches
+        # (B, S, D), row-major patches, laid out token-major: the transposed view alone would pass its (B, D, S)
+        # memory order on to the sums after it, so that every block's norm, residual sum and their gradients would
+        # run on a strided tensor (a bf16 CPU training step 2.5% slower)
+        x = x.flatten(2).transpose(1, 2).contiguous() + self.position_embedding(patch_grid)
         for block in self.blocks:
             x = block(x, patch_grid)
         x = self.norm(x)

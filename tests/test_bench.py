@@ -196,3 +196,13 @@ def test_profile_profiles_the_steps_asked_for_after_the_warmup(capsys, monkeypat
     assert calls == ["VisionLSTM"] * 3 + ["ViT"] * 3
     out = capsys.readouterr().out
     assert out.count("## Profile of 2 training step(s)") == 2 and "aten::" in out
+
+
+def test_the_vit_blocks_read_a_token_major_stream():
+    # as the ViL's (tests/test_model.py): a strided stream would slow the yardstick's every norm and residual sum
+    vit = bench.bench_model(("vit", bench.yardstick_arch("vil-1m")))
+    layouts = []
+    for block in vit.blocks:
+        block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    vit(torch.randn(2, bench.IN_CHANS, bench.IMG_SIZE, bench.IMG_SIZE))
+    assert layouts == [True] * len(vit.blocks)
