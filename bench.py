@@ -151,7 +151,8 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()  # (B, D, H/p, W/p) -> (B, S, D), token-major as in model.py
+        # (B, D, H/p, W/p) -> (B, S, D), laid out token-major as in model.py
+        x = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
         x = self.blocks(x + self.pos_embed)
         return self.head(self.norm(x).mean(dim=1))
 
