@@ -207,27 +207,26 @@ DEFAULTS = {name: flag.default for name, flag in FLAG_OF.items()}
 RECIPES = {
     "mnist": dict(lr=2e-3, crop_padding=2, warmup_epochs=1.0),  # digits are never flipped (random_flips)
     "fashion-mnist": dict(epochs=30, lr=2e-3, crop_padding=2, erasing=0.25),
-    # at most 50 epochs, as many as fit 50 minutes of training (from timed steps, then again after each epoch
-    # of the first half): the hour with room for the evaluation and for a machine that drifts (the timed steps
-    # ran faster than the epochs in eight of the first twelve budgeted runs of README.md's results table, by 4-18% on
-    # quiet machines); RandAugment with one op, ahead of two on a validation split at 20 and 30 epochs (RESULTS.md,
-    # "Recipe ablations"); the first two thirds of the epochs at 16 and 24 px: more epochs in the budget, ahead
-    # on a validation split at equal training time (RESULTS.md, "Progressive resizing"); no weight EMA: the raw
-    # weights scored as well or better than the EMA's in each of eight runs of 3-21 epochs on a validation split
-    # (RESULTS.md, "Recipe ablations"); longer runs reach more (--epochs 100 --policy-ops 2 --ema 0.999, as
-    # measured; a given --epochs turns the budget and the low resolution off, and a budget that holds all 50 at full
-    # size with room to spare (FULL_SIZE_SHARE), a GPU's, the low resolution: it would buy no epochs). 50 epochs in
-    # thirds are about 30 full-size epochs of compute, what the budget fits on the fastest 2-core CPU met (vil-1m at
-    # 489 img/s in bf16), and on a validation split they led the 26 that fit on a CPU half as fast (RESULTS.md,
-    # "Progressive resizing"); the final evaluation adds four views shifted by 2 px to the mirror pair: +1.2-1.8
-    # points over the pair on a validation split in each of five runs (RESULTS.md, "Test-time shifts")
+    # CIFAR-10; the runs behind each choice are in RESULTS.md, in the section named:
+    # - epochs, time_budget: as many of 50 epochs as fit 50 minutes of training steps on this machine, timed before the
+    #   run and again after each epoch of its first half; the rest of the hour is for the evaluation and a machine that
+    #   drifts ("The time budget's rules"). 50 epochs in thirds are about 30 full-size ones, what the fastest 2-core
+    #   CPU met fits ("Progressive resizing")
+    # - low_res: the first two thirds of the epochs at 16 and 24 px, more epochs in the budget ("Progressive
+    #   resizing"); off where the budget holds all 50 at full size (FULL_SIZE_SHARE: a GPU), as with a given --epochs
+    # - policy_ops 1: RandAugment with one op, ahead of two at 20 and 30 epochs; no weight EMA: the raw weights scored
+    #   as well or better in runs of 3-21 epochs ("Recipe ablations")
+    # - tta_shift 2: the final evaluation adds four views shifted by 2 px, +1.2-1.8 points over the mirror pair
+    #   ("Test-time shifts")
+    # Longer runs reach more: --epochs 100 --policy-ops 2 --ema 0.999, as measured (README.md, "Results").
     "cifar10": dict(epochs=50, time_budget=50.0, low_res=0.5, lr=2e-3, policy="randaugment", policy_ops=1,
                     drop_path=0.05, tta_shift=2),
     "cifar100": dict(epochs=150, lr=2e-3, policy="randaugment", drop_path=0.1, mixup=0.8, cutmix=1.0,
                      ema=0.999, warmup_epochs=5.0),
     "folder": dict(epochs=50),
 }
-# On --resume the run's own config.json is used; only these may be changed on the command line.
+# On --resume the configuration saved in the run's checkpoint.pt is used (config.json is a copy to read, not read
+# back); only these may be changed on the command line.
 RESUME_OVERRIDABLE = ("epochs", "device", "data_dir", "compile", "tta", "tta_shift", "amp")
 # settings added after runs were saved, with the value that trains as those runs did: no budget (only a new run
 # reads it), full-size images
@@ -397,9 +396,10 @@ def settings_without_effect(config, model_config):
         policy_magnitude=(config["policy"] == "none", "--policy randaugment or trivialaugment"),
         flip=(info.digits, "datasets other than hand-written digits"),
         tta=(not random_flips(config), "runs that train with random flips"),
-        # stage_sizes rounds each side down to whole patches, at least one: one patch a side stays as it is
-        low_res=(all(side <= model_config.patch_size for side in model_config.img_size),
-                 "images more than one patch a side"),
+        # stage_sizes rounds each side down to whole patches, at least one: one patch a side stays as it is; and a
+        # run of one epoch is all last third (third_starts), at full size
+        low_res=(all(side <= model_config.patch_size for side in model_config.img_size) or config["epochs"] == 1,
+                 "images more than one patch a side, in runs of more than one epoch"),
     )
     return {name: purpose for name, (unused, purpose) in reasons.items() if unused}
 
@@ -738,8 +738,8 @@ def resolve_run(config, given, resume):
     checkpoint = load_checkpoint(path)
     missing = [key for key in RESUME_KEYS if key not in checkpoint]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}, so the run cannot continue from it (a best.pt "
-                        f"copied over it, or a file of another version?); evaluate it with --eval-only "
+        raise UserError(f"{path} lacks {', '.join(missing)}, so the run cannot continue from it (written by "
+                        f"another program, or by another version of training.py?); evaluate it with --eval-only "
                         f"--checkpoint {shlex.quote(path)}, or start a new run in another --out-dir")
     # an overridable setting may be missing: the command line (or the default) gives it; a setting newer than
     # the run is missing too, and takes the value that trains as the run did (where saved, it is checked)
@@ -750,6 +750,9 @@ def resolve_run(config, given, resume):
                          [key for key in RESUME_OVERRIDABLE if key in given], optional=RESUME_OVERRIDABLE)
     for key, value in NEWER_SETTINGS.items():
         saved.setdefault(key, value)
+    if saved.get("low_res_third", 0) not in (0, 1, 2):  # set by train, not by a flag
+        raise UserError(f"the configuration saved in {path} is not one this version can use (edited by hand?): "
+                        f"low_res_third {saved['low_res_third']!r} is not a third of the run (0, 1 or 2)")
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
                      and saved.get(key) != config[key])
     if ignored:
@@ -938,22 +941,30 @@ def finite_weights(model, ema):
 class CompileFallback:
     """torch.compile(model), or the model itself once compiling has failed. Compilation happens at
     the first call (and at a new input shape: one graph per image size of --low-res), and fails there on a
-    machine without a working C compiler or with a GPU that Triton does not support; --compile asks for speed
-    only, so the run goes on uncompiled after a note rather than losing the data loading it has done."""
+    machine without a working C compiler or with a GPU that Triton does not support, or at torch.compile itself
+    where torch cannot compile at all (torch 2.3 on Python 3.12: "Dynamo is not supported"); --compile asks for
+    speed only, so the run goes on uncompiled after a note rather than losing the data loading it has done."""
 
     def __init__(self, model, verbose):
-        # dynamic=False: a static graph per image size, not one graph for any size after the second
-        self.model, self.compiled, self.verbose = model, torch.compile(model, dynamic=False), verbose
+        self.model, self.compiled, self.verbose = model, None, verbose
+        try:
+            # dynamic=False: a static graph per image size, not one graph for any size after the second
+            self.compiled = torch.compile(model, dynamic=False)
+        except RuntimeError as error:
+            self.give_up(error)
+
+    def give_up(self, error):
+        if self.verbose:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            print(f"note: torch.compile failed ({reason}); training without it", file=sys.stderr)
+        self.compiled = None
 
     def __call__(self, x):
         if self.compiled is not None:
             try:
                 return self.compiled(x)
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                if self.verbose:
-                    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-                    print(f"note: torch.compile failed ({reason}); training without it", file=sys.stderr)
-                self.compiled = None
+            except torch._dynamo.exc.TorchDynamoException as error:  # the compiler's failures, not the model's
+                self.give_up(error)
         return self.model(x)
 
 
@@ -1194,9 +1205,17 @@ def run_third(epoch, epochs):
     return max(k for k, start in enumerate(third_starts(epochs)) if start <= epoch)
 
 
+def train_stage(config, epoch):
+    """The third of the run (0, 1, 2) whose size of stage_sizes `epoch` (from 0) trains at: its run_third, or the
+    latest third an epoch trained at so far (config["low_res_third"], which train sets at the start of each epoch
+    of --low-res), whichever is later. So no epoch trains smaller than the one before it, where the thirds move
+    under a run already in a later one (a resume given more --epochs, a refit of the time budget that adds some)."""
+    return max(run_third(epoch, config["epochs"]), config.get("low_res_third", 0))
+
+
 def train_image_size(config, epoch):
-    """(height, width) of the training images in `epoch` (from 0): stage_sizes of the run_third it lies in."""
-    return stage_sizes(config)[run_third(epoch, config["epochs"])]
+    """(height, width) of the training images in `epoch` (from 0): stage_sizes of its train_stage."""
+    return stage_sizes(config)[train_stage(config, epoch)]
 
 
 def resize_images(x, size):
@@ -1257,8 +1276,12 @@ def fit_to_time_budget(run, low_res_given=False):
 
 
 def budget_shares(config):
-    """The time of an epoch in each third of the run as a share of a full-size epoch's (all 1 without --low-res)."""
-    return tuple(config["time_budget_fit"].get("step_shares", (1.0, 1.0, 1.0)))
+    """The time of an epoch in each third of the run as a share of a full-size epoch's (all 1 without --low-res);
+    the thirds before the one the run has reached count at its share, as their epochs train at its size
+    (train_stage)."""
+    shares = config["time_budget_fit"].get("step_shares", (1.0, 1.0, 1.0))
+    reached = config.get("low_res_third", 0)
+    return tuple(shares[max(third, reached)] for third in range(3))
 
 
 def budget_epochs(config, epochs, done=0):
@@ -1307,7 +1330,7 @@ def refit_to_time_budget(run, epoch, seconds, paced_seconds):
     # a max: a resumed run's train_seconds are read back on process 0 only, and the slowest process's pace counts
     spent, paced_seconds = all_reduce_max([run.train_seconds, paced_seconds if paced else seconds], run.device)
     before, shares = config["epochs"], budget_shares(config)
-    this_share = shares[run_third(epoch, before)]  # of the epoch just done (train_image_size)
+    this_share = shares[train_stage(config, epoch)]  # of the epoch just done
     paced_seconds /= this_share  # a full-size epoch's at that pace
     # the epochs ahead at the mean pace of the epochs refitted after so far: one epoch's pace wanders by +-8% on a
     # quiet machine, and refits from it alone moved the plan by up to two epochs either way (RESULTS.md, "The time
@@ -1633,6 +1656,22 @@ def final_evaluation(run):
     return final
 
 
+def begin_epoch(run, epoch):
+    """The start of `epoch` -> (its image size, its first step, its ProgressBar, its EpochMeter). Under --low-res the
+    third reached is recorded first, in the config that the checkpoints keep (train_stage); the first epoch of a
+    resumed run goes on from the step and the meter's state that its checkpoint saved."""
+    if run.config["low_res"] < 1:
+        run.config["low_res_third"] = train_stage(run.config, epoch)
+    size = train_image_size(run.config, epoch)  # smaller than the model's in early epochs of --low-res
+    at_size = "" if size == stage_sizes(run.config)[-1] else f" at {size[0]}x{size[1]} px"
+    progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}{at_size}", run.is_main)
+    first = epoch == run.start_epoch
+    start_step = run.start_step if first else 0
+    meter = EpochMeter.from_partial(run.partial if first else None, start_step, run.steps_per_epoch, run.device,
+                                    run.world_size)
+    return size, start_step, progress, meter
+
+
 def train(config, given, resume, folder):
     """Train in `folder` (a RunFolder, from which main reports a run that stops), then evaluate on
     the test set. Returns what final.json holds."""
@@ -1643,22 +1682,15 @@ def train(config, given, resume, folder):
     stop = folder.stop
     folder.training = True
     with stop.in_loop():  # Ctrl-C and SIGTERM now ask the loop to save and stop
-        epoch = run.start_epoch
+        epoch, previous_size = run.start_epoch, None  # the size this process trained the epoch before at
         while epoch < run.config["epochs"]:  # the time budget may refit the epochs in the first half
-            size = train_image_size(run.config, epoch)  # smaller than the model's in early epochs of --low-res
-            at_size = "" if size == stage_sizes(run.config)[-1] else f" at {size[0]}x{size[1]} px"
-            progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}{at_size}",
-                                   run.is_main)
-            start_step = run.start_step if epoch == run.start_epoch else 0
-            meter = EpochMeter.from_partial(run.partial if epoch == run.start_epoch else None, start_step,
-                                            run.steps_per_epoch, run.device, run.world_size)
+            size, start_step, progress, meter = begin_epoch(run, epoch)
             for step, (x, y) in enumerate(run.loader.epoch(epoch, start_step), start=start_step):
                 loss, correct = train_step(run, resize_images(x, size), y, epoch * run.steps_per_epoch + step)
                 meter.add(step, loss, correct, len(y))
                 # the first epoch this process runs, or the first at a new size (--low-res: under --compile its
                 # first steps compile that size): the time budget's refit reads the pace from here on
-                if (step + 1 == start_step + BUDGET_WARMUP_STEPS and refit_due(run)
-                        and (epoch == run.start_epoch or size != train_image_size(run.config, epoch - 1))):
+                if step + 1 == start_step + BUDGET_WARMUP_STEPS and refit_due(run) and size != previous_size:
                     synchronize(run.device)
                     meter.mark_pace(step + 1)
                 if not check_due(run, step):
@@ -1674,6 +1706,7 @@ def train(config, given, resume, folder):
             seconds = meter.seconds()
             progress.close()
             end_epoch(run, epoch, meter, seconds)
+            previous_size = size
             # agreed by all processes, as check_step's: process 0, the last to leave end_epoch (it
             # writes the run files), may be asked to stop after the others have started the next epoch
             if all_reduce_sum([float(stop.requested)], run.device)[0]:

@@ -692,9 +692,14 @@ def test_flags_given_that_change_nothing_in_the_run_are_named():
     assert unused("--dataset", "cifar", "--policy", "trivialaugment", "--policy-ops", "3") == [
         "--policy-ops 3 (for --policy randaugment)"]
     assert unused("--dataset", "folder", "--image-size", "4", "--patch-size", "4", "--low-res", "0.5") == [
-        "--low-res 0.5 (for images more than one patch a side)"]
+        "--low-res 0.5 (for images more than one patch a side, in runs of more than one epoch)"]
+    assert unused("--dataset", "folder", "--image-size", "8", "--patch-size", "4", "--low-res", "0.5",
+                  "--epochs", "1") == ["--low-res 0.5 (for images more than one patch a side, in runs of more "
+                                       "than one epoch)"]
     # where they act, no note: the same flags in the runs they are for
     assert unused("--dataset", "folder", "--image-size", "8", "--patch-size", "4", "--low-res", "0.5") == []
+    assert unused("--dataset", "folder", "--image-size", "8", "--patch-size", "4", "--low-res", "0.5",
+                  "--epochs", "2") == []  # its first epoch at 4 px (halfway, 6, rounded down to whole patches)
     assert unused("--dataset", "folder", "--mlstm-form", "chunkwise", "--chunk-size", "16", "--image-size", "48",
                   "--flip", "--tta", "--policy", "randaugment", "--policy-ops", "3") == []
     assert unused("--dataset", "mnist", "--pad-to", "40", "--policy", "trivialaugment", "--policy-magnitude", "5") == []
@@ -1338,6 +1343,29 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_a_note(data_dir, tmp_p
     assert (out / "final.json").exists()
 
 
+def dynamo_unsupported(*args, **kwargs):
+    raise torch._dynamo.exc.Unsupported("simulated: a construct dynamo cannot trace")
+
+
+def no_dynamo(model, **options):
+    raise RuntimeError("Dynamo is not supported on Python 3.12+")  # torch.compile itself, on torch 2.3
+
+
+@pytest.mark.parametrize("fake_compile, reason", [
+    (lambda model, **options: dynamo_unsupported, "simulated: a construct dynamo cannot trace"),  # at the first call
+    (no_dynamo, "Dynamo is not supported on Python 3.12+"),  # at torch.compile
+], ids=["at-the-first-call", "at-torch-compile"])
+def test_torch_compile_failing_elsewhere_falls_back_to_eager_too(data_dir, tmp_path, capsys, monkeypatch,
+                                                                 fake_compile, reason):
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "1",
+                                      "--compile"], capsys)
+    assert code == 0, captured.err
+    assert captured.err.count("note: torch.compile failed") == 1 and f"({reason}); training without it" in captured.err
+    assert (out / "final.json").exists()
+
+
 def test_a_parallel_form_that_cannot_fit_in_memory_is_refused_before_training(data_dir, tmp_path, capsys,
                                                                             monkeypatch):
     monkeypatch.setattr(training, "available_memory", lambda device: 2**20)  # 1 MiB free
@@ -1915,6 +1943,48 @@ def test_low_res_trains_each_third_of_the_epochs_at_its_size_and_evaluates_at_fu
     assert sizes == {0: {(8, 8)}, 1: {(8, 8)}, 2: {(12, 12)}, 3: {(12, 12)}, 4: {(16, 16)}, 5: {(16, 16)}}
     assert evaluated == {(16, 16)}
     assert "epoch 1/6 at 8x8 px" in captured.out + captured.err
+
+
+def test_a_resume_given_more_epochs_never_goes_back_to_a_smaller_size(data_dir, tmp_path, capsys, monkeypatch):
+    # 3 epochs of --low-res 0.5 train at 8, 12 and 16 px; resumed to 9 epochs, whose thirds would put epochs 4-6 at
+    # 12 px, the run goes on at the full 16 px it has reached
+    sizes = {}
+    train_step = training.train_step
+
+    def recording_step(run, x, y, global_step):
+        sizes.setdefault(global_step // run.steps_per_epoch, set()).add(tuple(x.shape[-2:]))
+        return train_step(run, x, y, global_step)
+
+    monkeypatch.setattr(training, "train_step", recording_step)
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3",
+                                      "--low-res", "0.5"], capsys)
+    assert code == 0, captured.err
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "9"], capsys)
+    assert code == 0, captured.err
+    assert sizes == {0: {(8, 8)}, 1: {(12, 12)}, **{epoch: {(16, 16)} for epoch in range(2, 9)}}
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["image_size"] for line in metrics] == [[8, 8], [12, 12]] + [[16, 16]] * 7
+
+
+def test_the_third_reached_sets_the_smallest_size_and_the_budget_s_shares():
+    config = dict(epochs=12, low_res_third=1, time_budget_fit=dict(step_shares=[0.25, 0.5, 1.0]))
+    # thirds of 12 epochs start at epochs 0, 4 and 8 (from 0)
+    assert [training.train_stage(config, epoch) for epoch in (0, 3, 4, 7, 8, 11)] == [1, 1, 1, 1, 2, 2]
+    assert training.budget_shares(config) == (0.5, 0.5, 1.0)
+    del config["low_res_third"]  # a run saved before it was kept, and every run without --low-res
+    assert [training.train_stage(config, epoch) for epoch in (0, 3, 4, 7, 8, 11)] == [0, 0, 1, 1, 2, 2]
+    assert training.budget_shares(config) == (0.25, 0.5, 1.0)
+
+
+def test_a_resume_refuses_an_edited_third_reached(trained_run, tmp_path, capsys):
+    out = copy_run(trained_run, tmp_path)
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["config"]["low_res_third"] = 3
+    torch.save(checkpoint, path)
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
+    assert code == 2 and f"the configuration saved in {path}" in captured.err and "low_res_third 3" in captured.err
 
 
 def test_resize_images_averages_rather_than_picks_pixels():
