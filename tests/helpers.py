@@ -3,6 +3,7 @@ and gradient regimes (test_mlstm, test_cuda), the small model (test_model, test_
 training run on an image-folder dataset (test_training, test_cuda)."""
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -11,6 +12,13 @@ from PIL import Image
 
 import training
 from mlstm import chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
+
+# torch before 2.4 on Python 3.12 and later has no torch.compile ("Dynamo is not supported on Python 3.12+"), and its
+# torchrun crashes in the c10d rendezvous (pytorch/pytorch#125990): torch's own limits, for the tests that need either
+# to skip (training.py's --compile falls back to eager there, with a note)
+TORCH_LACKS_COMPILE_AND_TORCHRUN = (sys.version_info >= (3, 12)
+                                    and tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 4))
+NO_COMPILE_OR_TORCHRUN = "torch before 2.4 on Python 3.12+ has neither torch.compile nor a working torchrun"
 
 
 def naive_mlstm(q, k, v, igate, fgate, eps=1e-6):

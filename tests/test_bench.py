@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import utils
+from helpers import NO_COMPILE_OR_TORCHRUN, TORCH_LACKS_COMPILE_AND_TORCHRUN
 from mlstm import ViLBlock
 
 
@@ -106,6 +107,7 @@ def test_train_step_clips_the_gradient_norm(monkeypatch):
 
 # torch.compile's import of torch._dynamo warns of torch.jit's deprecated script_method
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.skipif(TORCH_LACKS_COMPILE_AND_TORCHRUN, reason=NO_COMPILE_OR_TORCHRUN)
 def test_train_step_decays_the_parameters_that_training_py_decays(monkeypatch):
     import training
     groups_seen, adamw = [], torch.optim.AdamW

@@ -20,8 +20,9 @@ from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, reference_vil_layer
 from model import create_model
 from utils import stop_requests
-from helpers import (FORMS, GRADIENT_REGIMES, SMALL, TINY, assert_parallel_gradient_equals_the_naive_loop_gradient,
-                     make_inputs, naive_mlstm, normwise_relative_error, run_main, write_folder_dataset)
+from helpers import (FORMS, GRADIENT_REGIMES, NO_COMPILE_OR_TORCHRUN, SMALL, TINY, TORCH_LACKS_COMPILE_AND_TORCHRUN,
+                     assert_parallel_gradient_equals_the_naive_loop_gradient, make_inputs, naive_mlstm,
+                     normwise_relative_error, run_main, write_folder_dataset)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = "cuda"
@@ -87,6 +88,7 @@ def test_layer_on_cuda_matches_the_design_written_out(direction):
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.skipif(TORCH_LACKS_COMPILE_AND_TORCHRUN, reason=NO_COMPILE_OR_TORCHRUN)
 def test_model_under_bf16_autocast_and_compile_on_cuda_matches_eager():
     torch.manual_seed(0)
     model = create_model("vil-1m", **SMALL).to(DEVICE)
@@ -102,6 +104,7 @@ def test_model_under_bf16_autocast_and_compile_on_cuda_matches_eager():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
 
+@pytest.mark.skipif(TORCH_LACKS_COMPILE_AND_TORCHRUN, reason=NO_COMPILE_OR_TORCHRUN)
 def test_compiled_gradients_equal_eager_on_a_preset_width_model():
     # vil-1m at its own width (head width 96: the grouped q/k/v path the presets take), the
     # whole model in one graph, float32: compiled and eager gradients agree to rounding

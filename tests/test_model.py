@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import SMALL, normwise_relative_error
+from helpers import NO_COMPILE_OR_TORCHRUN, SMALL, TORCH_LACKS_COMPILE_AND_TORCHRUN, normwise_relative_error
 from mlstm import MLSTM_FORMS, BlockDiagonalLinear, ViLBlock, grouped_blocks, reference_vil_layer
 from model import PRESETS, ViLConfig, VisionLSTM, create_model
 
@@ -211,6 +211,7 @@ def test_flops_per_image():
     assert 0.8e9 < deep.flops_per_image() < 1.0e9
 
 
+@pytest.mark.skipif(TORCH_LACKS_COMPILE_AND_TORCHRUN, reason=NO_COMPILE_OR_TORCHRUN)
 def test_model_compiles_without_graph_breaks():
     model = create_model("vil-1m", **SMALL)
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))

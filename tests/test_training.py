@@ -19,7 +19,7 @@ import torch
 import mlstm
 import training
 import utils
-from helpers import TINY, run_main, write_folder_dataset
+from helpers import NO_COMPILE_OR_TORCHRUN, TINY, TORCH_LACKS_COMPILE_AND_TORCHRUN, run_main, write_folder_dataset
 from model import create_model
 from utils import format_seconds
 
@@ -350,6 +350,7 @@ def test_paths_that_are_not_what_the_flag_needs_are_named_with_what_to_do(data_d
         assert code == 2 and message in captured.err.splitlines()[-1], (args, captured.err)
 
 
+@pytest.mark.skipif(TORCH_LACKS_COMPILE_AND_TORCHRUN, reason=NO_COMPILE_OR_TORCHRUN)
 def test_two_processes_with_gloo_match_one_process_on_the_same_global_batch(data_dir, tmp_path):
     common = TINY + ["--data-dir", data_dir, "--epochs", "4", "--crop-padding", "0", "--ema", "0.9"]
     single = run_script(common + ["--out-dir", str(tmp_path / "one")])
