@@ -15,20 +15,21 @@ the cost of the three mLSTM forms as the sequence grows, and the speed of the da
 Training throughput is one optimisation step as training.py takes it (autocast forward,
 cross-entropy with label smoothing 0.1 on float32 logits, zero_grad, backward, gradient clipping to
 norm 1.0, AdamW step; AdamW fused on CUDA; not the weight EMA that a recipe may add after it) on random
-32x32 images and labels, in images/s. Each row pair (a preset and its ViT, same dtype, compile mode and
-batch) is timed in turns within one fresh process: one ViL step, one ViT step, and so on, each step a
-window of its own (synchronised on CUDA), warm-up turns excluded. The table shows each model's median
-and range over its windows and the ratio of the two medians, so that a shared machine's drift touches
-both models alike. Peak memory is measured apart, in a short pass per model in a fresh process of its own (one
-warm-up step, then one step, so that gradients and AdamW state exist), so that it stays each
-model's own: on CUDA torch.cuda.max_memory_allocated, on CPU the peak resident set size of the
+32x32 images and labels, in images/s, in processes set up as training.py's (set_up_as_training: freed memory
+kept for the next step; "fp32" on a CUDA GPU is float32 with TF32 matmuls, as training.py runs it). Each row pair
+(a preset and its ViT, same dtype, compile mode and batch) is timed in turns within one fresh process: one ViL
+step, one ViT step, and so on, each step a window of its own (synchronised on CUDA), warm-up turns excluded. The
+table shows each model's median and range over its windows and the ratio of the two medians, so that a shared
+machine's drift touches both models alike. Peak memory is measured apart, in a short pass per model in a fresh
+process of its own (one warm-up step, then one step, so that gradients and AdamW state exist), so that it stays
+each model's own: on CUDA torch.cuda.max_memory_allocated, on CPU the peak resident set size of the
 process (getrusage maxrss, which includes the Python + torch runtime: the header prints that
 baseline).
 "% of peak" is the training FLOPs achieved over the device's matmul peak in the row's dtype. The
 training FLOPs of one image are 3 x the forward FLOPs the model counts itself (the "GFLOPs/img"
 column: matmuls and convolutions, 2 per multiply-add; the backward pass taken as twice the forward,
 the usual rule), times the img/s. The peak is measured before the table: one plain square matmul
-(2048 on CPU, 4096 on CUDA) in fp32, or in bf16 on bf16 tensors for bf16 rows, median of a few
+(2048 on CPU, 4096 on CUDA) in fp32 (TF32 on CUDA), or in bf16 on bf16 tensors for bf16 rows, median of a few
 repeats after a warm-up, printed in the header in TFLOP/s.
 "ops/step" counts the torch operators one training step dispatches below autograd (forward, backward, clipping and
 AdamW), views left out: each is a kernel launched on a GPU, and an eager step whose kernels are small (a small
@@ -78,8 +79,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import DATASETS, Augment, DeviceLoader
 from mlstm import ViLBlock, chunkwise_mlstm, parallel_mlstm, recurrent_mlstm
 from model import PRESETS, ViLConfig, create_model, decay_groups
-from utils import (AUTOCAST_DTYPES, UserError, autocast, has_native_bf16, keep_freed_memory, out_of_memory,
-                   resolve_device, synchronize)
+from utils import (AUTOCAST_DTYPES, UserError, allow_tf32, autocast, has_native_bf16, keep_freed_memory,
+                   out_of_memory, resolve_device, synchronize)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
@@ -323,10 +324,19 @@ def runtime_baseline():
     return peak_memory_bytes(torch.device("cpu"))
 
 
-def in_fresh_process(fn, *args):
-    """fn(*args) in a newly spawned interpreter, so that its peak memory and caches are its own."""
+def set_up_as_training(device):
+    """This process set up as training.py sets up its own: the memory a step frees kept for the next
+    (keep_freed_memory), float32 matmuls in TF32 on a CUDA GPU (allow_tf32). device: its name."""
+    keep_freed_memory()
+    allow_tf32(torch.device(device))
+
+
+def in_fresh_process(device, fn, *args):
+    """fn(*args) in a newly spawned interpreter set up for device as training.py's process (set_up_as_training),
+    so that its peak memory and caches are its own."""
     # an executor, unlike a Pool, fails loudly when the worker dies (killed for memory, say)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as executor:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=set_up_as_training, initargs=(str(device),)) as executor:
         return executor.submit(fn, *args).result()
 
 
@@ -367,7 +377,7 @@ def figures(value):
 def memory_pass(spec, dtype, compiled, args, device):
     """Params, FLOP counts and peak memory of one model, from one warm-up step and one step in a
     fresh process of its own (the second step holds gradients and AdamW state), then the operators of a third."""
-    return in_fresh_process(measure_training, spec, args.batch_size, str(device), dtype, compiled, 1, 1)
+    return in_fresh_process(device, measure_training, spec, args.batch_size, str(device), dtype, compiled, 1, 1)
 
 
 def training_cells(spec, result, speeds, vit_speed, dtype, compiled, args, peak_flops):
@@ -384,7 +394,7 @@ def print_training_header(args, device, size, peaks):
     if device.type == "cuda":
         memory_kind = "torch.cuda.max_memory_allocated"
     else:
-        baseline = in_fresh_process(runtime_baseline)
+        baseline = in_fresh_process("cpu", runtime_baseline)
         memory_kind = f"peak process RSS (maxrss), of which Python + torch alone: {megabytes(baseline)}"
     print(f"## Training throughput (forward + backward + clipping + AdamW step), {hardware_line(device)}\n")
     print(f"{IMG_SIZE}x{IMG_SIZE} inputs, random data; img/s: median (min-max) of {args.steps} timed steps "
@@ -411,7 +421,7 @@ def training_table(args, device):
                     key = (model_label(spec), dtype, compiled)
                     if key not in memory:
                         memory[key] = memory_pass(spec, dtype, compiled, args, device)
-                speeds = in_fresh_process(measure_in_turns, [vil, vit], args.batch_size, str(device), dtype,
+                speeds = in_fresh_process(device, measure_in_turns, [vil, vit], args.batch_size, str(device), dtype,
                                           compiled, args.steps, args.warmup)
                 vit_speed = statistics.median(speeds[model_label(vit)])
                 for spec in (vit, vil):
@@ -488,8 +498,8 @@ def measure_loader(device, steps, warmup):
 
 def data_table(args, device):
     dtype, compiled = args.dtype, args.compile
-    loader_speeds = in_fresh_process(measure_loader, str(device), args.steps, args.warmup)
-    training = in_fresh_process(measure_training, ("vil", DATA_MODEL), DATA_BATCH_SIZE, str(device), dtype,
+    loader_speeds = in_fresh_process(device, measure_loader, str(device), args.steps, args.warmup)
+    training = in_fresh_process(device, measure_training, ("vil", DATA_MODEL), DATA_BATCH_SIZE, str(device), dtype,
                                 compiled, args.steps, args.warmup)
     loader_speed = statistics.median(loader_speeds)
     training_speed = statistics.median(training["images_per_s"])
@@ -675,7 +685,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    keep_freed_memory()  # as training.py does
+    set_up_as_training(args.device)
     try:
         args.table(args, torch.device(args.device))
     except KeyboardInterrupt:

@@ -393,7 +393,8 @@ class DeviceLoader:
     image once, no augmentation. rank/world_size: each rank takes a disjoint shard of every epoch's
     permutation (training: the same number of batches on every rank). pad_to: zero-pad images to
     pad_to x pad_to (28x28 digits -> 32x32).
-    Batches depend only on (seed, epoch, step, rank)."""
+    Batches depend only on (seed, epoch, step, rank), for a given world_size, batch size and device type (a CPU's
+    and a GPU's random generators draw differently)."""
 
     def __init__(self, images, labels, batch_size, *, num_classes, mean, std, train, augment=None, seed=0,
                  device="cpu", rank=0, world_size=1, pad_to=None):
@@ -685,7 +686,10 @@ def load_image_folder(folder, image_size=32, classes=None):
     key = hashlib.md5(json.dumps(identity).encode()).hexdigest()
     cache_dir = (os.path.join(folder, ".vil-cache") if _writable(folder)
                  else os.path.join(os.path.dirname(verification_cache_path(folder)), "folders"))
-    cache_path = os.path.join(cache_dir, f"{key}.pt")
+    # named by the folder and size first, so that a new cache replaces the one of the folder's earlier contents
+    # at that size (the folder cache beside the md5 record serves every read-only folder)
+    kind = f"{hashlib.md5(os.path.abspath(folder).encode()).hexdigest()[:12]}-{image_size}px-"
+    cache_path = os.path.join(cache_dir, f"{kind}{key}.pt")
     if os.path.isfile(cache_path):
         try:
             cached = torch.load(cache_path, weights_only=True)
@@ -702,7 +706,8 @@ def load_image_folder(folder, image_size=32, classes=None):
         try:
             with Image.open(path) as im:
                 images[i] = np.asarray(_rgb(im).resize((image_size, image_size), Image.BICUBIC))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        # a PNG chunk whose type is garbled raises SyntaxError (Pillow's ChunkStream.read)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if isinstance(e, OSError) and e.errno is not None:  # the file system's refusal (Pillow's own have none)
                 raise DataError(f"{path}: cannot read this file ({e.strerror}); make it readable, or remove it") \
                     from None
@@ -716,6 +721,13 @@ def load_image_folder(folder, image_size=32, classes=None):
         _atomic_write(cache_path, buffer.getvalue())
     except OSError as e:
         print(f"data: could not cache decoded images in {cache_path} ({e})", file=sys.stderr)
+        return images, labels
+    for name in os.listdir(cache_dir):
+        if name.startswith(kind) and name.endswith(".pt") and name != os.path.basename(cache_path):
+            try:
+                os.remove(os.path.join(cache_dir, name))
+            except OSError:  # removed by another run meanwhile, say: it only takes space
+                pass
     return images, labels
 
 
@@ -962,6 +974,9 @@ def _extract(archive_path, root, folder, names):
                     with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
                         shutil.copyfileobj(src, dst)
         except (tarfile.TarError, KeyError, OSError, EOFError, zlib.error) as e:
+            if isinstance(e, OSError) and e.errno is not None:  # the file system's (a full disk), not the archive's
+                raise DataError(f"{archive_path}: cannot unpack {folder}/ into {root} ({e.strerror}); the archive "
+                                f"itself passed its md5 check: make room there, or make it writable") from None
             raise DataError(f"{archive_path}: cannot unpack {folder}/ from it ({type(e).__name__}: {e}). "
                             "Delete it so it is downloaded again.") from None
         for name in names:

@@ -47,10 +47,11 @@ from data import (DATASET_ALIASES, DATASETS, POLICIES, POLICY_OPS, Augment, Devi
                   folder_classes, load_dataset, seeded_choice, split_train_val)
 from mlstm import CONV_KINDS, MLSTM_FORMS, factors_decay_matrix
 from model import POOLINGS, PRESET_ALIASES, PRESETS, VisionLSTM, ViLConfig, preset_config
-from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, atomic_write,
-                   autocast, counted, derive_seed, ensure_writable_dir, error_text, format_seconds, has_native_bf16,
-                   json_text, keep_freed_memory, learning_rate, load_checkpoint, out_of_memory, plot_curves,
-                   resolve_device, save_checkpoint, save_json, setup_distributed, stop_requests, synchronize)
+from utils import (AUTOCAST_DTYPES, ProgressBar, UserError, WeightEMA, all_reduce_max, all_reduce_sum, allow_tf32,
+                   atomic_write, autocast, counted, derive_seed, ensure_writable_dir, error_text, format_seconds,
+                   has_native_bf16, json_text, keep_freed_memory, learning_rate, load_checkpoint, out_of_memory,
+                   plot_curves, resolve_device, save_checkpoint, save_json, setup_distributed, stop_requests,
+                   synchronize)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
@@ -322,13 +323,6 @@ def autocast_dtype(amp, device):
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bf16 support; use --amp fp16 or --amp off")
     return AUTOCAST_DTYPES["fp32" if amp == "off" else amp]
-
-
-def allow_tf32(device):
-    """On a GPU, let float32 matmuls (all of them under --amp off) run in TF32 on the tensor cores:
-    several times faster, with a 10-bit mantissa (bf16 has 7). Convolutions do already."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 MODEL_FLAGS = ("dim", "depth", "patch_size", "pooling", "conv_kind", "mlstm_form", "chunk_size")  # change a preset
@@ -1664,9 +1658,10 @@ def begin_epoch(run, epoch):
         run.config["low_res_third"] = train_stage(run.config, epoch)
     size = train_image_size(run.config, epoch)  # smaller than the model's in early epochs of --low-res
     at_size = "" if size == stage_sizes(run.config)[-1] else f" at {size[0]}x{size[1]} px"
-    progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}{at_size}", run.is_main)
     first = epoch == run.start_epoch
     start_step = run.start_step if first else 0
+    progress = ProgressBar(run.steps_per_epoch, f"epoch {epoch + 1}/{run.config['epochs']}{at_size}", run.is_main,
+                           first=start_step)
     meter = EpochMeter.from_partial(run.partial if first else None, start_step, run.steps_per_epoch, run.device,
                                     run.world_size)
     return size, start_step, progress, meter

@@ -146,6 +146,17 @@ def test_training_table_times_a_preset_and_its_vit_as_one_row_pair(capsys, monke
         assert int(row["ops/step"]) > 0
 
 
+def tf32_matmuls_allowed():
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("device, tf32", [("cpu", False), ("cuda", True)])
+def test_a_fresh_process_is_set_up_as_training_py_sets_up_its_own(device, tf32):
+    # the rows are timed in spawned interpreters, which do not run bench.py's main: each is set up on its own
+    # (TF32 on a GPU, as training.py's float32 runs there; the allocator setting alike, not observable here)
+    assert bench.in_fresh_process(device, tf32_matmuls_allowed) is tf32
+
+
 def test_op_counter_counts_each_operator_once_and_no_views():
     x = torch.randn(4, 4, requires_grad=True)
     with bench.OpCounter() as counter:

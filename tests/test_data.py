@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -478,6 +479,27 @@ def test_an_archive_put_in_the_root_is_unpacked_not_downloaded(tmp_path):
     assert os.path.isfile(tmp_path / "cifar-100-python.tar.gz")  # the user's copy stays
 
 
+def test_an_archive_that_cannot_be_unpacked_for_want_of_room_is_not_blamed(tmp_path, monkeypatch):
+    files = tiny_files("cifar100")
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    archive.write_bytes(tar_gz(files))
+    data.MD5S["cifar-100-python.tar.gz"] = md5_of(archive.read_bytes())
+    for rel, raw in files.items():
+        data.MD5S[rel] = md5_of(raw)
+    real_copy = shutil.copyfileobj
+
+    def disk_full(source, target, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(shutil, "copyfileobj", disk_full)
+    with pytest.raises(data.DataError) as refused:
+        data.load_dataset("cifar100", tmp_path, train=False)
+    message = str(refused.value)
+    assert "No space left on device" in message and "make room there" in message and "Delete it" not in message
+    assert archive.is_file()  # the archive the user provided stays, and unpacks once there is room
+    monkeypatch.setattr(shutil, "copyfileobj", real_copy)
+    assert data.load_dataset("cifar100", tmp_path, train=False)[0].shape == (12, 3, 32, 32)
+
+
 def test_corrupt_download_is_refused_and_nothing_is_left(tmp_path, server):
     serve_mnist(server, tmp_path)
     raw = bytearray(server.files["train-images-idx3-ubyte.gz"])
@@ -618,14 +640,27 @@ def png_declaring(width, height):
             + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
-@pytest.mark.parametrize("image", ["bomb.png", "cut.jpg", "empty.webp"])
+def png_with_a_garbled_second_chunk():
+    """A PNG of noise whose pixel data spans two IDAT chunks, the second's type garbled (a byte of it zeroed):
+    Pillow stops there with a SyntaxError, not an OSError."""
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(png, "PNG")
+    raw = bytearray(png.getvalue())
+    first_idat = 8 + 12 + 13  # the signature and IHDR
+    second_idat = first_idat + 12 + struct.unpack(">I", raw[first_idat:first_idat + 4])[0]
+    assert raw[second_idat + 4:second_idat + 8] == b"IDAT"
+    raw[second_idat + 5] = 0
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("image", ["bomb.png", "cut.jpg", "empty.webp", "garbled.png"])
 def test_image_folder_names_the_file_it_cannot_decode(tmp_path, image):
     os.makedirs(tmp_path / "train" / "cat")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "good.png")
     jpeg = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(jpeg, "JPEG")
     broken = {"bomb.png": png_declaring(30000, 30000),  # 900 megapixels: Pillow's decompression-bomb limit
-              "cut.jpg": jpeg.getvalue()[:40], "empty.webp": b""}
+              "cut.jpg": jpeg.getvalue()[:40], "empty.webp": b"", "garbled.png": png_with_a_garbled_second_chunk()}
     (tmp_path / "train" / "cat" / image).write_bytes(broken[image])
     with pytest.raises(data.DataError, match=f"{tmp_path / 'train' / 'cat' / image}: cannot decode this image"):
         data.load_dataset("folder", tmp_path, train=True, image_size=8)
@@ -732,6 +767,21 @@ def test_an_image_folder_cache_that_holds_other_images_is_decoded_again(tmp_path
         again, again_labels = data.load_dataset("folder", tmp_path, train=True, image_size=8)
         assert torch.equal(again, images) and torch.equal(again_labels, labels) and again_labels.dtype == torch.int64
         assert f"ignoring the cache {cache}" in capsys.readouterr().err
+
+
+def test_an_image_folder_keeps_one_cache_per_image_size(tmp_path, capsys):
+    os.makedirs(tmp_path / "train" / "cat")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "0.png")
+    data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    data.load_dataset("folder", tmp_path, train=True, image_size=16)
+    caches = tmp_path / "train" / ".vil-cache"
+    assert len(list(caches.iterdir())) == 2  # one per size
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / "cat" / "1.png")  # the folder changes
+    images, _ = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    assert len(images) == 2 and len(list(caches.iterdir())) == 2  # the 8-px cache replaced, the 16-px one kept
+    capsys.readouterr()
+    again, _ = data.load_dataset("folder", tmp_path, train=True, image_size=8)
+    assert torch.equal(again, images) and "decoding" not in capsys.readouterr().err  # read from the cache left
 
 
 def test_a_test_split_is_read_with_given_class_names_without_a_train_folder(tmp_path):

@@ -1409,18 +1409,6 @@ def test_the_memory_check_counts_the_s_by_s_matrices_a_training_step_keeps(dtype
     assert estimate - training.parallel_form_bytes(config, 4, False) == sum(kept.values()) > 0
 
 
-def test_float32_matmuls_use_tf32_on_a_gpu_only():
-    before = torch.backends.cuda.matmul.allow_tf32  # a flag of torch's, not an attribute monkeypatch restores
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        training.allow_tf32(torch.device("cpu"))
-        assert torch.backends.cuda.matmul.allow_tf32 is False
-        training.allow_tf32(torch.device("cuda"))
-        assert torch.backends.cuda.matmul.allow_tf32 is True
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def test_a_time_budget_cuts_the_epochs_to_what_fits_and_leaves_the_run_as_it_would_be(data_dir, tmp_path, capsys):
     # a budget no epoch fits: one epoch, with the estimate recorded; a resumed run keeps its epochs (no new fit)
     short = tmp_path / "short"

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from utils import (UserError, WeightEMA, atomic_write, counted, error_text, learning_rate, load_checkpoint,
-                   save_checkpoint, save_json)
+from utils import (UserError, WeightEMA, allow_tf32, atomic_write, counted, error_text, learning_rate,
+                   load_checkpoint, save_checkpoint, save_json)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -53,6 +53,20 @@ def test_ema_state_round_trips():
     assert other.updates == 3
     for name, value in ema.state_dict()["shadow"].items():
         assert torch.equal(other.state_dict()["shadow"][name], value)
+
+
+def test_ema_copies_integer_buffers_rather_than_averaging_them():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))  # num_batches_tracked: int64
+    ema = WeightEMA(model, decay=0.9)
+    for _ in range(7):
+        model(torch.randn(4, 3))  # in training mode: one more batch tracked
+        ema.update(model)
+    tracked = ema.state_dict()["shadow"]["1.num_batches_tracked"]
+    assert tracked.dtype == torch.int64 and tracked.item() == 7
+    assert ema.state_dict()["shadow"]["1.running_mean"].dtype == torch.float32  # floats are averaged
+    copy = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema.copy_to(copy)
+    assert copy[1].num_batches_tracked.item() == 7
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
@@ -160,6 +174,20 @@ def test_progress_prints_a_plain_line_per_tenth_of_the_epoch_when_not_a_terminal
         ["20/100", "40/100", "60/100", "80/100"]
     # fewer steps than tenths: one line per step but the last (the epoch summary follows it)
     assert len(progress_lines(4, range(1, 5))) == 3
+
+
+def test_progress_paces_the_time_left_by_the_steps_this_bar_has_seen():
+    import io
+    import time
+    from utils import ProgressBar
+    stream = io.StringIO()
+    # an epoch resumed after 900 of its 1000 steps, its 901st done in 1 s: 99 steps of 1 s left (1:39), not
+    # 99 steps at the pace of 901 done in 1 s (0:00)
+    bar = ProgressBar(1000, "epoch 2/3", True, stream=stream, first=900)
+    bar.start = time.perf_counter() - 1.0
+    bar.update(901, 0.5, 0.25, 100.0)
+    minutes, seconds = stream.getvalue().split("left ")[1].split()[0].split(":")
+    assert 99 <= 60 * int(minutes) + int(seconds) <= 110  # a loaded machine may take a few ms more
 
 
 def test_progress_is_silent_on_processes_other_than_the_first():
@@ -341,3 +369,15 @@ def test_save_json_writes_strict_json_with_null_for_nan_and_infinity(tmp_path):
 
     assert json.loads(path.read_text(), parse_constant=refuse) == {"test_loss": None, "curve": [None, 1.5],
                                                                    "nested": {"x": None, "n": 3}}
+
+
+def test_float32_matmuls_use_tf32_on_a_gpu_only():
+    before = torch.backends.cuda.matmul.allow_tf32  # a flag of torch's, not an attribute monkeypatch restores
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        allow_tf32(torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        allow_tf32(torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
