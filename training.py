@@ -744,9 +744,13 @@ def resolve_run(config, given, resume):
                          [key for key in RESUME_OVERRIDABLE if key in given], optional=RESUME_OVERRIDABLE)
     for key, value in NEWER_SETTINGS.items():
         saved.setdefault(key, value)
-    if saved.get("low_res_third", 0) not in (0, 1, 2):  # set by train, not by a flag
+    third = saved.get("low_res_third", 0)  # set by train, not by a flag
+    if isinstance(third, bool) or not isinstance(third, int) or not 0 <= third <= 2:
         raise UserError(f"the configuration saved in {path} is not one this version can use (edited by hand?): "
-                        f"low_res_third {saved['low_res_third']!r} is not a third of the run (0, 1 or 2)")
+                        f"low_res_third {third!r} is not a third of the run (0, 1 or 2)")
+    trained = checkpoint["epoch"] + (checkpoint["step"] > 0)  # epochs begun
+    if saved["low_res"] < 1 and "low_res_third" not in saved and trained:  # saved before the third reached was kept
+        saved["low_res_third"] = run_third(trained - 1, saved["epochs"])  # of its last epoch, by its own epochs
     ignored = sorted(key for key in given if key not in RESUME_OVERRIDABLE + ("out_dir",)
                      and saved.get(key) != config[key])
     if ignored:
@@ -757,7 +761,6 @@ def resolve_run(config, given, resume):
             saved[key] = config[key]
     if "epochs" in given and saved.get("time_budget_fit"):
         saved["time_budget_fit"]["refit_pending"] = False  # the epochs given stand
-    trained = checkpoint["epoch"] + (checkpoint["step"] > 0)  # epochs begun
     if saved["epochs"] < trained:
         done = (counted(checkpoint["epoch"], "epoch") if trained == checkpoint["epoch"] else
                 f"{counted(checkpoint['epoch'], 'epoch')} and {counted(checkpoint['step'], 'step')} of epoch {trained}")

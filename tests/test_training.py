@@ -1966,14 +1966,41 @@ def test_the_third_reached_sets_the_smallest_size_and_the_budget_s_shares():
     assert training.budget_shares(config) == (0.25, 0.5, 1.0)
 
 
-def test_a_resume_refuses_an_edited_third_reached(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize("third", [3, 1.0, "2"])
+def test_a_resume_refuses_an_edited_third_reached(trained_run, tmp_path, capsys, third):
     out = copy_run(trained_run, tmp_path)
     path = out / "checkpoint.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint["config"]["low_res_third"] = 3
+    checkpoint["config"]["low_res_third"] = third
     torch.save(checkpoint, path)
     code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "2"], capsys)
-    assert code == 2 and f"the configuration saved in {path}" in captured.err and "low_res_third 3" in captured.err
+    assert code == 2 and f"the configuration saved in {path}" in captured.err
+    assert f"low_res_third {third!r} is not a third" in captured.err
+
+
+def test_a_run_saved_before_the_third_reached_was_kept_resumes_from_its_last_epoch_s_third(data_dir, tmp_path,
+                                                                                          capsys, monkeypatch):
+    # 3 epochs of --low-res 0.5 (8, 12, 16 px), their checkpoint stripped of low_res_third as older code saved it:
+    # resumed to 9 epochs, the run goes on at 16 px, the third of its last epoch of 3
+    sizes = {}
+    train_step = training.train_step
+
+    def recording_step(run, x, y, global_step):
+        sizes.setdefault(global_step // run.steps_per_epoch, set()).add(tuple(x.shape[-2:]))
+        return train_step(run, x, y, global_step)
+
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3",
+                                      "--low-res", "0.5"], capsys)
+    assert code == 0, captured.err
+    path = out / "checkpoint.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    del checkpoint["config"]["low_res_third"]
+    torch.save(checkpoint, path)
+    monkeypatch.setattr(training, "train_step", recording_step)
+    code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "9"], capsys)
+    assert code == 0, captured.err
+    assert sizes == {epoch: {(16, 16)} for epoch in range(3, 9)}
 
 
 def test_resize_images_averages_rather_than_picks_pixels():
@@ -2020,6 +2047,26 @@ def test_a_time_budget_under_low_res_weighs_each_third_by_its_timed_steps(data_d
     assert fit["step_shares"] == pytest.approx(by_third) and fit["seconds_per_step"] == pytest.approx(0.25)
     assert [refit["pace_seconds"] for refit in fit["refits"]] == pytest.approx([6.0 * slow] * refits)
     assert [refit["epochs"] for refit in fit["refits"]] == [expected] * refits
+
+
+def test_a_refit_paces_the_first_epoch_at_a_new_size_after_its_first_steps(data_dir, tmp_path, capsys, monkeypatch):
+    # the run of the test above at `slow` 1 (15 epochs, 5 in each third), but the first epoch at 12 px (the 6th)
+    # takes 1 s more in its first 3 steps (a compile of the new size, say): its refit paces it by the steps after
+    # those, 6 s a full-size epoch as every other, not by the whole epoch's 4.375 s (7.8 s at full size)
+    shares = {8: 0.25, 12: 0.5625, 16: 1.0}
+    by_third = list(shares.values())
+    clock_epochs(monkeypatch,
+                 lambda epoch, seen: seen / 96 * 6.0 * by_third[training.run_third(epoch, 15)]
+                 + (min(seen, 12) / 12 if epoch == 5 else 0.0),
+                 step=lambda size: 0.25 * shares[size[0]])
+    out = tmp_path / "run"
+    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "20",
+                                      "--time-budget", "1", "--low-res", "0.5", "--warmup-epochs", "1",
+                                      "--batch-size", "4"], capsys)
+    assert code == 0, captured.err
+    fit = json.loads((out / "config.json").read_text())["time_budget_fit"]
+    assert [refit["pace_seconds"] for refit in fit["refits"]] == pytest.approx([6.0] * 7)
+    assert [refit["epochs"] for refit in fit["refits"]] == [15] * 7
 
 
 @pytest.mark.parametrize("given, budget, fitted", [(False, 1.0, "6 of 6 epochs, about 0:36"),
