@@ -1908,22 +1908,29 @@ def test_epochs_in_budget_weighs_each_third_by_its_share():
         assert all(seconds(more, done, spent, epoch_seconds) > budget for more in range(fitted + 1, asked + 1))
 
 
-def test_low_res_trains_each_third_of_the_epochs_at_its_size_and_evaluates_at_full_size(data_dir, tmp_path, capsys,
-                                                                                        monkeypatch):
-    # --low-res 0.5 on the 16-px images with 4-px patches: 8 px in the first third of 6 epochs, 12 px in the
-    # second, 16 px in the last; validation and the test set at 16 px throughout
-    sizes, evaluated = {}, set()
-    train_step, predict = training.train_step, training.predict
+def record_step_sizes(monkeypatch):
+    """From now on, the image sizes each epoch's training steps take: {epoch (from 0): {(height, width), ...}}."""
+    sizes, train_step = {}, training.train_step
 
     def recording_step(run, x, y, global_step):
         sizes.setdefault(global_step // run.steps_per_epoch, set()).add(tuple(x.shape[-2:]))
         return train_step(run, x, y, global_step)
 
+    monkeypatch.setattr(training, "train_step", recording_step)
+    return sizes
+
+
+def test_low_res_trains_each_third_of_the_epochs_at_its_size_and_evaluates_at_full_size(data_dir, tmp_path, capsys,
+                                                                                        monkeypatch):
+    # --low-res 0.5 on the 16-px images with 4-px patches: 8 px in the first third of 6 epochs, 12 px in the
+    # second, 16 px in the last; validation and the test set at 16 px throughout
+    evaluated, predict = set(), training.predict
+
     def recording_predict(model, x, tta, shift=0, fill=0.0):
         evaluated.add(tuple(x.shape[-2:]))
         return predict(model, x, tta, shift, fill)
 
-    monkeypatch.setattr(training, "train_step", recording_step)
+    sizes = record_step_sizes(monkeypatch)
     monkeypatch.setattr(training, "predict", recording_predict)
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "6",
@@ -1937,14 +1944,7 @@ def test_low_res_trains_each_third_of_the_epochs_at_its_size_and_evaluates_at_fu
 def test_a_resume_given_more_epochs_never_goes_back_to_a_smaller_size(data_dir, tmp_path, capsys, monkeypatch):
     # 3 epochs of --low-res 0.5 train at 8, 12 and 16 px; resumed to 9 epochs, whose thirds would put epochs 4-6 at
     # 12 px, the run goes on at the full 16 px it has reached
-    sizes = {}
-    train_step = training.train_step
-
-    def recording_step(run, x, y, global_step):
-        sizes.setdefault(global_step // run.steps_per_epoch, set()).add(tuple(x.shape[-2:]))
-        return train_step(run, x, y, global_step)
-
-    monkeypatch.setattr(training, "train_step", recording_step)
+    sizes = record_step_sizes(monkeypatch)
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3",
                                       "--low-res", "0.5"], capsys)
@@ -1982,13 +1982,6 @@ def test_a_run_saved_before_the_third_reached_was_kept_resumes_from_its_last_epo
                                                                                           capsys, monkeypatch):
     # 3 epochs of --low-res 0.5 (8, 12, 16 px), their checkpoint stripped of low_res_third as older code saved it:
     # resumed to 9 epochs, the run goes on at 16 px, the third of its last epoch of 3
-    sizes = {}
-    train_step = training.train_step
-
-    def recording_step(run, x, y, global_step):
-        sizes.setdefault(global_step // run.steps_per_epoch, set()).add(tuple(x.shape[-2:]))
-        return train_step(run, x, y, global_step)
-
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "3",
                                       "--low-res", "0.5"], capsys)
@@ -1997,7 +1990,7 @@ def test_a_run_saved_before_the_third_reached_was_kept_resumes_from_its_last_epo
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     del checkpoint["config"]["low_res_third"]
     torch.save(checkpoint, path)
-    monkeypatch.setattr(training, "train_step", recording_step)
+    sizes = record_step_sizes(monkeypatch)  # of the resumed epochs only
     code, captured = run_main(["--resume", "--out-dir", str(out), "--epochs", "9"], capsys)
     assert code == 0, captured.err
     assert sizes == {epoch: {(16, 16)} for epoch in range(3, 9)}
@@ -2015,20 +2008,25 @@ def test_resize_images_averages_rather_than_picks_pixels():
     torch.testing.assert_close(half[..., 1:-1, 1:-1], torch.full((1, 3, 6, 6), 0.5))
 
 
-@pytest.mark.parametrize("slow, expected, refits", [(1.0, 15, 7), (2.0, 7, 3)])
+@pytest.mark.parametrize("slow, expected, refits, compile_seconds", [(1.0, 15, 7, 0.0), (2.0, 7, 3, 0.0),
+                                                                     (1.0, 15, 7, 1.0)])
 def test_a_time_budget_under_low_res_weighs_each_third_by_its_timed_steps(data_dir, tmp_path, capsys, monkeypatch,
-                                                                          slow, expected, refits):
+                                                                          slow, expected, refits, compile_seconds):
     # batch 4: 24 steps an epoch. Timed steps of 0.25 s at 16 px, and at 8 and 12 px in proportion to their
     # pixels (shares 0.25 and 0.5625): a minute holds 15 of the 20 epochs asked for (5 in each third: 1.25 +
     # 2.81 + 5 full-size epochs of 6 s, 54 s), where 10 would fit at full size. Each epoch then takes `slow` times
     # its share of 6 s: at 1, the refits, which scale an epoch's pace to a full-size epoch's, keep the 15; at 2
     # the refit after the first (3 s, at 8 px: 12 s a full-size epoch) leaves 57 s for 6 more, 2 at 8 px, 2 at
     # 12 px, 3 at full size (4.375 full-size epochs, 52.5 s; 8 would need 59.25), thirds which the refits after
-    # the second and third keep (the run's first half then ends)
+    # the second and third keep (the run's first half then ends). `compile_seconds` more in the first 3 steps of the
+    # first epoch at 12 px (the 6th of 15; a compile of the new size, say): its refit paces it by the steps after
+    # those, 6 s a full-size epoch as every other, not by the whole epoch's 4.375 s (7.8 s at full size)
     shares = {8: 0.25, 12: 0.5625, 16: 1.0}
     by_third = list(shares.values())
+    first_at_12 = training.third_starts(expected)[1]
     clock_epochs(monkeypatch,
-                 lambda epoch, seen: seen / 96 * 6.0 * slow * by_third[training.run_third(epoch, expected)],
+                 lambda epoch, seen: seen / 96 * 6.0 * slow * by_third[training.run_third(epoch, expected)]
+                 + (compile_seconds * min(seen, 12) / 12 if epoch == first_at_12 else 0.0),
                  step=lambda size: 0.25 * shares[size[0]])
     out = tmp_path / "run"
     code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "20",
@@ -2041,32 +2039,14 @@ def test_a_time_budget_under_low_res_weighs_each_third_by_its_timed_steps(data_d
     assert "epochs took" not in captured.out
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     thirds = [training.run_third(epoch, expected) for epoch in range(expected)]
-    assert [record["seconds"] for record in metrics] == pytest.approx([6.0 * slow * by_third[k] for k in thirds])
+    assert [record["seconds"] for record in metrics] == pytest.approx(
+        [6.0 * slow * by_third[k] + (compile_seconds if epoch == first_at_12 else 0.0)
+         for epoch, k in enumerate(thirds)])
     assert [record["image_size"] for record in metrics] == [[(8, 12, 16)[k]] * 2 for k in thirds]
     fit = json.loads((out / "config.json").read_text())["time_budget_fit"]
     assert fit["step_shares"] == pytest.approx(by_third) and fit["seconds_per_step"] == pytest.approx(0.25)
     assert [refit["pace_seconds"] for refit in fit["refits"]] == pytest.approx([6.0 * slow] * refits)
     assert [refit["epochs"] for refit in fit["refits"]] == [expected] * refits
-
-
-def test_a_refit_paces_the_first_epoch_at_a_new_size_after_its_first_steps(data_dir, tmp_path, capsys, monkeypatch):
-    # the run of the test above at `slow` 1 (15 epochs, 5 in each third), but the first epoch at 12 px (the 6th)
-    # takes 1 s more in its first 3 steps (a compile of the new size, say): its refit paces it by the steps after
-    # those, 6 s a full-size epoch as every other, not by the whole epoch's 4.375 s (7.8 s at full size)
-    shares = {8: 0.25, 12: 0.5625, 16: 1.0}
-    by_third = list(shares.values())
-    clock_epochs(monkeypatch,
-                 lambda epoch, seen: seen / 96 * 6.0 * by_third[training.run_third(epoch, 15)]
-                 + (min(seen, 12) / 12 if epoch == 5 else 0.0),
-                 step=lambda size: 0.25 * shares[size[0]])
-    out = tmp_path / "run"
-    code, captured = run_main(TINY + ["--data-dir", data_dir, "--out-dir", str(out), "--epochs", "20",
-                                      "--time-budget", "1", "--low-res", "0.5", "--warmup-epochs", "1",
-                                      "--batch-size", "4"], capsys)
-    assert code == 0, captured.err
-    fit = json.loads((out / "config.json").read_text())["time_budget_fit"]
-    assert [refit["pace_seconds"] for refit in fit["refits"]] == pytest.approx([6.0] * 7)
-    assert [refit["epochs"] for refit in fit["refits"]] == [15] * 7
 
 
 @pytest.mark.parametrize("given, budget, fitted", [(False, 1.0, "6 of 6 epochs, about 0:36"),
