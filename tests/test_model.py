@@ -41,6 +41,20 @@ def test_bf16_autocast_forward_backward_finite(form):
         assert torch.isfinite(param.grad).all(), name
 
 
+@pytest.mark.parametrize("conv_kind", ["2d", "causal1d"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_each_gradient_comes_in_its_parameters_strides(conv_kind, amp):
+    # DistributedDataParallel copies each .grad into a bucket laid out as its parameter, and warns ("Grad strides
+    # do not match bucket view strides") where the strides differ, those of size-1 dimensions too: a 2-d conv
+    # weight laid out (9, 9, 3, 1) got a channels-last (9, 1, 3, 1) gradient
+    model = create_model("vil-1m", conv_kind=conv_kind, **SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits = model(torch.randn(2, 3, 32, 32))
+    logits.float().square().sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad.stride() == param.stride(), name
+
+
 def test_gradients_reach_the_blocks():
     # the head starts at std 2e-5; the blocks must still receive a (small) gradient
     model = create_model("vil-1m", **SMALL)
