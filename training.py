@@ -5,7 +5,8 @@ One device (a GPU when present, else the CPU):
     python training.py --dataset mnist
     python training.py --dataset cifar
     python training.py --dataset cifar --model vil-t --epochs 300 --mixup 0.8 --cutmix 1.0 --drop-path 0.1
-Several GPUs on one machine (DistributedDataParallel, --batch-size is the global batch):
+Several GPUs on one machine, or one process per core of a CPU, which trains faster there than one process
+(DistributedDataParallel, --batch-size is the global batch):
     torchrun --standalone --nproc_per_node=4 training.py --dataset cifar
 Continue an interrupted run, or evaluate a saved model on the test set:
     python training.py --resume --out-dir runs/cifar10-vil-1m-20261124-120000
