@@ -658,8 +658,9 @@ class ViLLayer(nn.Module):
             self.conv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner)
             # its weight laid out channels-last, (9, 1, 3, 1) where the default is (9, 9, 3, 1): the same memory
             # (the size-1 dimension's stride aside), and the layout of the gradient that its channels-last input
-            # gives it, which DistributedDataParallel checks, the size-1 stride too, with a warning when they differ
-            self.conv.weight = nn.Parameter(torch.empty(inner, 3, 3, 1).permute(0, 3, 1, 2))  # reset_parameters fills it
+            # gives it, which DistributedDataParallel checks, the size-1 stride too, with a warning when they differ;
+            # reset_parameters fills it
+            self.conv.weight = nn.Parameter(torch.empty(inner, 3, 3, 1).permute(0, 3, 1, 2))
         else:
             # depthwise causal conv of width 4 along the token sequence (ViL v1); left padding only
             self.conv = nn.Conv1d(inner, inner, kernel_size=4, padding=3, groups=inner)
